@@ -1,0 +1,86 @@
+"""Which device and precision a run really gets, decided once at the start and announced."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class DeviceError(RuntimeError):
+    pass
+
+
+@dataclass
+class Precision:
+    device: torch.device
+    device_name: str
+    dtype: str              # what actually runs: float32 | bfloat16 | float16
+    autocast_dtype: torch.dtype | None
+    use_grad_scaler: bool
+    note: str               # why, when it differs from what was asked
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype is not None)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            build = torch.version.cuda or "CPU-only"
+            raise DeviceError(
+                f"device='cuda' was requested but no usable CUDA GPU is visible (torch {torch.__version__}, "
+                f"{build} build). Fix: on Kaggle, Settings > Accelerator > GPU; on Colab, Runtime > Change "
+                "runtime type > GPU; or run on the CPU with device=cpu (or device=auto) and a small preset.")
+        check_gpu_supported()
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def check_gpu_supported(index: int = 0) -> None:
+    """Refuse a GPU the installed torch has no kernels for (e.g. a P100, sm_60, under a new torch)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    arch_list = torch.cuda.get_arch_list()
+    if not arch_list:
+        return
+    sms = {int(a.split("_")[1]) for a in arch_list if a.startswith("sm_") and a.split("_")[1].isdigit()}
+    ptx = {int(a.split("_")[1]) for a in arch_list if a.startswith("compute_") and a.split("_")[1].isdigit()}
+    cap = major * 10 + minor
+    # Same-major binaries run on later minors; PTX is JIT-compiled for any newer GPU.
+    if any(s // 10 == major and s <= cap for s in sms) or any(p <= cap for p in ptx):
+        return
+    name = torch.cuda.get_device_name(index)
+    raise DeviceError(
+        f"this torch ({torch.__version__}) has no kernels for {name} (sm_{cap}); it was built for "
+        f"{', '.join(arch_list)}. Fix: install a torch build that still supports sm_{cap} (e.g. "
+        "pip install 'torch<2.8' for a P100 on Kaggle), or pick a T4 / newer GPU.")
+
+
+def resolve_precision(requested_dtype: str, device: torch.device, force: bool = False) -> Precision:
+    """bf16 where the GPU has it natively (capability >= 8.0), fp16 + GradScaler on older GPUs,
+    fp32 on the CPU unless `force`. torch.cuda.is_bf16_supported() is not used: it also says yes
+    for the emulated bf16 of a T4."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+        if requested_dtype == "bfloat16" and not native_bf16:
+            return Precision(device, name, "float16", torch.float16, True,
+                             f"{name} has no native bfloat16: using float16 autocast with a gradient scaler")
+        if requested_dtype == "bfloat16":
+            return Precision(device, name, "bfloat16", torch.bfloat16, False, "")
+        if requested_dtype == "float16":
+            return Precision(device, name, "float16", torch.float16, True, "")
+        return Precision(device, name, "float32", None, False, "")
+    import platform
+    name = platform.processor() or platform.machine() or "cpu"
+    name = f"CPU ({name}, {torch.get_num_threads()} threads)"
+    if requested_dtype == "float32":
+        return Precision(device, name, "float32", None, False, "")
+    if force:
+        dt = torch.bfloat16 if requested_dtype == "bfloat16" else torch.float16
+        return Precision(device, name, requested_dtype, dt, False, f"{requested_dtype} autocast on CPU (forced)")
+    return Precision(device, name, "float32", None, False,
+                     f"{requested_dtype} requested but this is a CPU: training in float32 (low precision "
+                     "is emulated and much slower on most CPUs; set force_dtype=True to insist)")

@@ -1,0 +1,146 @@
+"""The two decoder-only language models of the study, built from a `Config`.
+
+- `GPT2Model`: faithful GPT-2 (learned positions, pre-LayerNorm blocks, multi-head attention,
+  GELU MLP).
+- `MoEGQAModel`: Qwen3-MoE style (RoPE, RMSNorm, grouped-query attention with QK-norm,
+  top-k Mixture-of-Experts of SwiGLU experts).
+
+Both return an `LMOutput`: logits, the mean next-token loss when targets are given, and the
+auxiliary load-balancing loss (zero for GPT-2) kept apart so training can log it and add it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import GroupedQueryAttention, MultiHeadAttention
+from .config import Config
+from .layers import FeedForward, KVCache, RMSNorm, init_weights, rope_tables
+from .moe import MoEFeedForward
+
+MODEL_NAMES = ("gpt2", "moe_gqa")
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class _LanguageModel(nn.Module):
+    """What both models share: the LM head (tied or not), the loss, the KV cache factory."""
+
+    def _init_head(self, cfg: Config):
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.n_layers)
+        if cfg.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layers)
+
+    def _output(self, h: torch.Tensor, targets: torch.Tensor | None, aux: torch.Tensor) -> LMOutput:
+        logits = self.out_head(self.final_norm(h))
+        loss = None
+        if targets is not None:
+            # fp32 cross-entropy: bf16/fp16 log-softmax over 50k classes loses precision.
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return LMOutput(logits, loss, aux)
+
+    def _check_length(self, idx: torch.Tensor, cache: KVCache | None):
+        total = idx.shape[1] + (cache.length() if cache is not None else 0)
+        if total > self.cfg.context_length:
+            raise ValueError(f"sequence of {total} tokens exceeds context_length={self.cfg.context_length}")
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)
+        self.attn = MultiHeadAttention(cfg.emb_dim, cfg.n_heads, cfg.head_dim, cfg.bias, cfg.drop_rate)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)
+        self.ff = FeedForward(cfg.emb_dim, cfg.hidden_dim, cfg.bias)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.norm1(x), cache, layer))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+class GPT2Model(_LanguageModel):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.norm_eps)
+        self._init_head(cfg)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> LMOutput:
+        self._check_length(idx, cache)
+        offset = cache.length() if cache is not None else 0
+        pos = torch.arange(offset, offset + idx.shape[1], device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        return self._output(x, targets, torch.zeros((), device=idx.device))
+
+
+class MoEGQABlock(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.attn = GroupedQueryAttention(cfg.emb_dim, cfg.n_heads, cfg.n_kv_groups, cfg.head_dim,
+                                          cfg.bias, cfg.qk_norm, cfg.norm_eps, cfg.drop_rate)
+        self.norm2 = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        self.moe = MoEFeedForward(cfg.emb_dim, cfg.moe_intermediate_size, cfg.num_experts,
+                                  cfg.num_experts_per_token)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer))
+        return x + self.drop(self.moe(self.norm2(x)))
+
+
+class MoEGQAModel(_LanguageModel):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(MoEGQABlock(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
+        cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_base)
+        # Not persistent: derived from the config, so checkpoints hold only learned weights.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._init_head(cfg)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> LMOutput:
+        self._check_length(idx, cache)
+        x = self.drop(self.tok_emb(idx))
+        aux = torch.zeros((), device=idx.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.cos, self.sin, cache, i)
+            aux = aux + block.moe.aux_loss
+        return self._output(x, targets, aux / len(self.blocks))
+
+    def expert_counts(self) -> torch.Tensor:
+        """(n_layers, num_experts) assignments per expert in the last forward pass."""
+        return torch.stack([b.moe.expert_counts.cpu() for b in self.blocks])
+
+
+def build_model(name: str, cfg: Config) -> _LanguageModel:
+    """`gpt2` or `moe_gqa`, with GPT-2 initialisation, seeded by `cfg.seed`."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    torch.manual_seed(cfg.seed)
+    return GPT2Model(cfg) if name == "gpt2" else MoEGQAModel(cfg)

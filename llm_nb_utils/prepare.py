@@ -1,0 +1,147 @@
+"""Corpus -> 80/10/10 split -> GPT-2 tokens in flat uint16 files (`train.bin`, `val.bin`, `test.bin`).
+
+`meta.json` is written last and holds a fingerprint of the inputs and settings: its presence with a
+matching fingerprint is what "already prepared" means, so an interrupted run is rebuilt and a
+re-run with the same inputs is free.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .corpus import CorpusScan, read_document, scan_corpus
+from .tokenizer import EOT_ID, encode
+
+SPLITS = ("train", "val", "test")
+PREP_VERSION = 1   # bump when cleaning/splitting changes, so old token files are rebuilt
+
+
+def _fingerprint(scan: CorpusScan, split_method: str, ratios, seed: int) -> str:
+    settings = json.dumps({"version": PREP_VERSION, "split_method": split_method,
+                           "ratios": list(ratios), "seed": seed if split_method == "documents" else None,
+                           "tokenizer": "r50k_base"}, sort_keys=True)
+    return hashlib.sha256((scan.raw_fingerprint + settings).encode()).hexdigest()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _plan_proportional(scan: CorpusScan, ratios):
+    """Cut the concatenated text at 80% and 90% of its characters, as the study did."""
+    total = sum(d.chars for d in scan.kept)
+    bounds = [round(total * ratios[0]), round(total * (ratios[0] + ratios[1])), total]
+    plan, offset = [], 0
+    for d in scan.kept:
+        pieces, start = [], 0
+        for split, bound in zip(SPLITS, bounds):
+            end = min(d.chars, max(0, bound - offset))
+            if end > start:
+                pieces.append((split, start, end))
+                start = end
+        plan.append((d, pieces))
+        offset += d.chars
+    return plan
+
+
+def _plan_documents(scan: CorpusScan, ratios, seed: int):
+    """Whole documents, shuffled with `seed`, assigned to splits by cumulative characters."""
+    docs = list(scan.kept)
+    random.Random(seed).shuffle(docs)
+    total = sum(d.chars for d in docs)
+    cuts = [total * ratios[0], total * (ratios[0] + ratios[1])]
+    plan, offset = [], 0
+    for d in docs:
+        mid = offset + d.chars / 2   # a document goes where its middle falls
+        split = SPLITS[0] if mid < cuts[0] else SPLITS[1] if mid < cuts[1] else SPLITS[2]
+        plan.append((d, [(split, 0, d.chars)]))
+        offset += d.chars
+    return plan
+
+
+def prepare_data(corpus_dir: str | Path, data_dir: str | Path, split_method: str = "proportional",
+                 ratios=(0.8, 0.1, 0.1), seed: int = 123, allow_undecodable: bool = False,
+                 source: str = "local", force: bool = False, log=print) -> dict:
+    """Tokenize the corpus into `data_dir`, or reuse what is there if inputs and settings match."""
+    t0 = time.perf_counter()
+    data_dir = Path(data_dir)
+    scan = scan_corpus(corpus_dir, allow_undecodable=allow_undecodable)
+    fingerprint = _fingerprint(scan, split_method, ratios, seed)
+    meta_path = data_dir / "meta.json"
+    if meta_path.exists() and not force:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == fingerprint and all((data_dir / f"{s}.bin").exists() for s in SPLITS):
+            log(f"reusing prepared data in {data_dir} (same corpus and settings)")
+            return meta
+        log("corpus or settings changed since the last preparation: rebuilding the token files")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)   # from here on, the old files are no longer valid
+
+    if split_method == "proportional":
+        plan = _plan_proportional(scan, ratios)
+    elif split_method == "documents":
+        plan = _plan_documents(scan, ratios, seed)
+    else:
+        raise ValueError(f"split_method must be 'proportional' or 'documents', not {split_method!r}")
+
+    counts = {s: {"tokens": 0, "chars": 0, "words": 0, "documents": 0} for s in SPLITS}
+    root = Path(scan.root)
+    outs = {s: open(data_dir / f"{s}.bin.part", "wb") for s in SPLITS}
+    try:
+        for doc, pieces in plan:
+            text = read_document(root / doc.path)
+            for i, (split, start, end) in enumerate(pieces):
+                piece = text[start:end]
+                ids = encode(piece)
+                if i == len(pieces) - 1:
+                    ids.append(EOT_ID)   # the separator follows the document's last piece
+                np.asarray(ids, dtype=np.uint16).tofile(outs[split])
+                c = counts[split]
+                c["tokens"] += len(ids)
+                c["chars"] += len(piece)
+                c["words"] += len(piece.split())
+                c["documents"] += 1
+    finally:
+        for f in outs.values():
+            f.close()
+    for s in SPLITS:
+        os.replace(data_dir / f"{s}.bin.part", data_dir / f"{s}.bin")
+
+    summary = scan.summary()
+    meta = {
+        "source": source, "corpus_dir": scan.root, "fingerprint": fingerprint,
+        "split_method": split_method, "split_ratios": list(ratios),
+        "seed": seed if split_method == "documents" else None,
+        "tokenizer": "GPT-2 BPE (tiktoken r50k_base, ids identical to 'gpt2')", "eot_id": EOT_ID,
+        "dtype": "uint16", "splits": counts,
+        "corpus": {k: v for k, v in summary.items() if not k.startswith(("dropped", "undecodable"))},
+        "dropped": {"empty": summary["dropped_empty"], "duplicate": summary["dropped_duplicate"],
+                    "undecodable": summary["undecodable"]},
+        "files": [{"path": d.path, "bytes": d.bytes, "chars": d.chars, "words": d.words,
+                   "status": d.status} for d in scan.docs],
+        "prep_time_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    tmp = meta_path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    os.replace(tmp, meta_path)
+    dropped = {k: len(v) for k, v in meta["dropped"].items()}
+    log(f"prepared {summary['kept']} documents ({summary['bytes'] / 1e6:.1f} MB) into {data_dir}: "
+        + ", ".join(f"{s} {counts[s]['tokens']:,} tokens" for s in SPLITS)
+        + f"; dropped {dropped}; {meta['prep_time_s']} s")
+    return meta
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no prepared data in {data_dir} (meta.json missing). Fix: run "
+                                "notebook 01_data_prep (or prepare_data) with the same run directory first.")
+    return json.loads(path.read_text())
