@@ -8,6 +8,7 @@ a re-run would take for a finished one; a re-run downloads only what is missing.
 from __future__ import annotations
 
 import csv
+import http.client
 import io
 import os
 import re
@@ -94,8 +95,8 @@ def fetch(url: str, retries: int = 3, backoff: float = 1.0, timeout: float = 30.
             last = e
             if e.code < 500 and e.code != 429:
                 break
-        except (urllib.error.URLError, OSError) as e:
-            last = e
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            last = e   # connection refused/reset, timeout, truncated body: all worth a retry
         if attempt < retries:
             sleep(backoff * 2 ** attempt)
     raise GutenbergError(f"could not download {url} after {retries + 1} attempt(s): {last}. "

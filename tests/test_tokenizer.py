@@ -1,0 +1,31 @@
+import pytest
+
+from llm_nb_utils import tokenizer
+
+
+def test_gpt2_ids_offline():
+    enc = tokenizer.get_tokenizer()
+    assert enc.eot_token == 50256 and enc.n_vocab == 50257
+    # Reference ids of tiktoken's "gpt2" encoding for this text.
+    assert tokenizer.encode("Hello world") == [15496, 995]
+    text = "Lisboa, a cidade à beira do Tejo."
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_missing_ranks_gives_a_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))       # an empty cache
+    import tiktoken.load
+
+    def offline(*a, **k):
+        raise ConnectionError("network unreachable")
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    tokenizer.get_tokenizer.cache_clear()
+    import tiktoken.registry
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    try:
+        with pytest.raises(tokenizer.TokenizerUnavailable) as e:
+            tokenizer.get_tokenizer()
+        msg = str(e.value)
+        assert "r50k_base.tiktoken" in msg and tokenizer.R50K_CACHE_NAME in msg and "TIKTOKEN_CACHE_DIR" in msg
+    finally:
+        tokenizer.get_tokenizer.cache_clear()
