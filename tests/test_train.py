@@ -1,0 +1,189 @@
+import json
+import math
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+from llm_nb_utils import checkpoint as ckpt
+from llm_nb_utils import device as dev
+from llm_nb_utils import train as engine
+from llm_nb_utils.config import make_config
+from llm_nb_utils.models import build_model
+
+quiet = dict(progress=False, log=lambda *_: None)
+
+
+@pytest.fixture
+def run(prepared_run, tmp_path):
+    """A fresh run directory sharing the session's prepared data."""
+    d = tmp_path / "run"
+    shutil.copytree(prepared_run / "data", d / "data")
+    return d
+
+
+def cfg(**kw):
+    return make_config("smoke", device="cpu", **kw)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "moe_gqa"])
+def test_smoke_training_learns_and_writes_the_metrics_contract(run, name):
+    m = engine.train_model(name, cfg(max_steps=30, eval_freq=10), run, **quiet)
+    hist = m["history"]
+    assert [h["step"] for h in hist] == [10, 20, 30]
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.3
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"] - 0.3
+    saved = json.loads((run / "metrics" / f"{name}.json").read_text())
+    for key in ["test_loss", "test_perplexity", "train_time_s", "tokens_per_s", "peak_memory_mb",
+                "peak_memory_kind", "total_params", "active_params", "flops_per_token", "tokens_seen",
+                "steps", "device", "dtype", "torch_version", "history"]:
+        assert key in saved, key
+    assert saved["test_perplexity"] == pytest.approx(math.exp(saved["test_loss"]))
+    assert saved["steps"] == 30 and saved["tokens_seen"] == 30 * 4 * 32
+    assert saved["peak_memory_kind"] == "process_peak_rss_mb" and saved["peak_memory_mb"] > 0
+    assert saved["tokens_per_s"] > 0 and saved["device"] == "cpu" and saved["dtype"] == "float32"
+    assert set(saved["history"][0]) == {"step", "tokens_seen", "train_loss", "val_loss"}
+    samples = json.loads((run / "metrics" / f"{name}_samples.json").read_text())
+    assert len(samples) >= 2 and all(s["text"].startswith("lisboa") for s in samples)
+    if name == "moe_gqa":
+        util = saved["expert_utilisation"]
+        assert len(util) == 2 and all(abs(sum(r) - 1) < 1e-6 for r in util)
+    # W&B ran offline and wrote its run folder under the run directory.
+    assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_resume_continues_exactly(run, tmp_path):
+    c = cfg(max_steps=12, eval_freq=3, checkpoint_every=100, lr_schedule="constant", warmup_steps=0)
+    straight = engine.train_model("gpt2", c, run, **quiet)
+
+    other = tmp_path / "other"
+    shutil.copytree(run / "data", other / "data")
+    engine.train_model("gpt2", c.replace(max_steps=6), other, **quiet)
+    resumed = engine.train_model("gpt2", c, other, **quiet)
+    assert resumed["steps"] == 12
+    assert resumed["history"] == straight["history"]
+    for (k, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b), k
+    assert resumed["test_loss"] == straight["test_loss"]
+
+
+def test_finished_run_is_reused_not_retrained(run):
+    c = cfg(max_steps=5)
+    engine.train_model("gpt2", c, run, **quiet)
+    msgs = []
+    again = engine.train_model("gpt2", c, run, progress=False, log=msgs.append)
+    assert any("already trained" in m for m in msgs) and again["steps"] == 5
+
+
+def test_resume_with_other_shapes_is_refused(run):
+    engine.train_model("gpt2", cfg(max_steps=4), run, **quiet)
+    with pytest.raises(engine.ResumeError, match="emb_dim: checkpoint 64 vs now 32"):
+        engine.train_model("gpt2", cfg(max_steps=8, emb_dim=32, head_dim=8), run, **quiet)
+    fresh = engine.train_model("gpt2", cfg(max_steps=2, emb_dim=32, head_dim=8), run, resume=False, **quiet)
+    assert fresh["steps"] == 2 and list((run / "checkpoints").glob("gpt2.old-*"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    ckpt.save_checkpoint({"x": 1}, tmp_path, 10)
+    real_save = torch.save
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed during save")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint({"x": 2}, tmp_path, 20)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000010.pt"]
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path)) == {"x": 1}
+    for s in (30, 40, 50):
+        ckpt.save_checkpoint({"x": s}, tmp_path, s, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000040.pt", "step_00000050.pt"]
+
+
+def poisoned(after: int, action):
+    """build_model whose forward calls `action(step)` from its `after`-th training call on."""
+    def build(name, c):
+        model = build_model(name, c)
+        calls = {"n": 0}
+        original = model.forward
+
+        def forward(*a, **k):
+            out = original(*a, **k)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] >= after:
+                    out = action(out) or out
+            return out
+        model.forward = forward
+        return model
+    return build
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(run, monkeypatch):
+    def nan(out):
+        out.loss = out.loss * float("nan")
+    monkeypatch.setattr(engine, "build_model", poisoned(13, nan))
+    with pytest.raises(engine.NonFiniteLossError, match="non-finite at step 13.*step_00000010.pt"):
+        engine.train_model("gpt2", cfg(max_steps=30, checkpoint_every=10, log_every=5), run, **quiet)
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints" / "gpt2")] == ["step_00000010.pt"]
+    state = ckpt.load_checkpoint(run / "checkpoints" / "gpt2" / "step_00000010.pt")
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_interrupt_saves_and_resume_finishes(run, monkeypatch):
+    def interrupt(out):
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(engine, "build_model", poisoned(7, interrupt))
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 7"):
+        engine.train_model("gpt2", cfg(max_steps=20), run, **quiet)
+    assert ckpt.latest_checkpoint(run / "checkpoints" / "gpt2").name == "step_00000007.pt"
+    monkeypatch.setattr(engine, "build_model", build_model)
+    assert engine.train_model("gpt2", cfg(max_steps=20), run, **quiet)["steps"] == 20
+
+
+def test_learning_rate_schedule():
+    c = cfg(lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    f = [engine.lr_factor(s, c, 110) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1)
+    assert engine.lr_factor(50, c.replace(lr_schedule="constant"), 110) == 1.0
+
+
+def test_weight_decay_spares_norms_biases_and_embeddings():
+    model = build_model("gpt2", cfg(bias=True, tie_embeddings=False))
+    opt = engine.make_optimizer(model, model.cfg, torch.device("cpu"))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert "out_head.weight" in names and "blocks.0.ff.fc.weight" in names
+    assert not any("norm" in n or n.endswith(".bias") or "emb" in n for n in names)
+
+
+def test_precision_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    p = dev.resolve_precision("bfloat16", cpu)
+    assert p.dtype == "float32" and "CPU" in p.note
+    assert dev.resolve_precision("bfloat16", cpu, force=True).autocast_dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (6, 0))
+    p = dev.resolve_precision("bfloat16", torch.device("cuda"))
+    assert (p.dtype, p.use_grad_scaler) == ("float16", True) and "no native bfloat16" in p.note
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 0))
+    p = dev.resolve_precision("bfloat16", torch.device("cuda"))
+    assert (p.dtype, p.use_grad_scaler) == ("bfloat16", False)
+
+
+def test_missing_or_unsupported_gpu_is_explained(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(dev.DeviceError, match="device=cpu"):
+        dev.resolve_device("cuda")
+    assert dev.resolve_device("auto").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90", "compute_90"])
+    with pytest.raises(dev.DeviceError, match="no kernels for Tesla P100.*sm_60"):
+        dev.check_gpu_supported()
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_60", "sm_70"])
+    dev.check_gpu_supported()
