@@ -1,0 +1,40 @@
+"""The few lines every notebook starts with: parameters -> a validated config and a run directory."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, make_config
+from .env import default_run_dir, platform
+
+
+@dataclass
+class NotebookRun:
+    cfg: Config
+    run_dir: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.run_dir / "figures"
+
+
+def setup(preset: str, overrides: dict | None = None, run_dir: str = "", **extra) -> NotebookRun:
+    """Validate the parameters before any work, make the run directory, print what will run.
+
+    `extra` holds notebook parameters that are also settings (seed, split_method, max_steps...);
+    a value of None or "" leaves the preset's value.
+    """
+    values = {**(overrides or {}), **{k: v for k, v in extra.items() if v not in (None, "")}}
+    if values.get("max_steps") == 0 and "max_steps" not in (overrides or {}):
+        values.pop("max_steps")   # 0 in a notebook's parameters means "the preset's value"
+    cfg = make_config(preset, values)
+    path = Path(run_dir) if run_dir else default_run_dir(preset)
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"platform: {platform()} | preset: {preset} | overrides: {json.dumps(values) if values else 'none'}")
+    print(f"run directory: {path.resolve()}")
+    return NotebookRun(cfg, path)
