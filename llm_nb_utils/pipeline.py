@@ -28,10 +28,16 @@ class PipelineError(RuntimeError):
 def render_html(notebook: Path, html: Path) -> Path:
     import nbformat
     from nbconvert import HTMLExporter
+    nb = nbformat.read(notebook, as_version=4)
+    # The report shows the parameters papermill injected (the run's real values); the defaults
+    # cell and the import-path boilerplate would only repeat or distract.
+    injected = any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    hidden = {"remove_cell"} | ({"parameters"} if injected else set())
+    nb.cells = [c for c in nb.cells if not hidden & set(c.metadata.get("tags", []))]
     exporter = HTMLExporter()
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    body, _ = exporter.from_notebook_node(nb)
     html.parent.mkdir(parents=True, exist_ok=True)
     html.write_text(body, encoding="utf-8")
     return html

@@ -1,0 +1,90 @@
+"""The four notebooks end to end through papermill and nbconvert, on the smoke preset."""
+import ast
+import json
+
+import nbformat
+import pandas as pd
+import pytest
+
+from llm_nb_utils.pipeline import NOTEBOOKS, main
+from llm_nb_utils.env import REPO
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    code = main(["--preset", "smoke", "--corpus-dir", str(tiny_corpus), "--out", str(out),
+                 "--set", "device=cpu"])
+    assert code == 0
+    return out
+
+
+def test_pipeline_outputs(pipeline_run):
+    out = pipeline_run
+    t1 = pd.read_csv(out / "table1.csv", index_col=0)
+    assert list(t1.columns) == ["train", "validation", "test"]
+    assert list(t1.index) == ["words", "samples", "tokens_per_sample", "batch_size", "batches"]
+    assert (t1.loc["tokens_per_sample"] == 32).all() and (t1.loc["samples"] > 0).all()
+
+    t2 = pd.read_csv(out / "table2.csv", index_col=0)
+    assert list(t2.columns) == ["gpt2", "moe_gqa", "variation_pct"]
+    for row in ["test_loss", "test_perplexity", "train_time_s", "peak_memory_mb", "tokens_per_s",
+                "total_params", "active_params", "flops_per_token", "tokens_seen"]:
+        assert row in t2.index
+    metrics = {n: json.loads((out / "metrics" / f"{n}.json").read_text()) for n in ("gpt2", "moe_gqa")}
+    assert t2.loc["test_loss", "gpt2"] == pytest.approx(metrics["gpt2"]["test_loss"])
+    g, m = t2.loc["tokens_per_s", "gpt2"], t2.loc["tokens_per_s", "moe_gqa"]
+    assert t2.loc["tokens_per_s", "variation_pct"] == pytest.approx((m - g) / g * 100)
+
+    for name in NOTEBOOKS:
+        html = (out / "reports" / f"{name}.html").read_text()
+        assert "data:image/png;base64" in html or name == "01_data_prep" and "<table" in html, name
+        assert "Traceback" not in html and "wandb:" not in html.lower()
+    report = (out / "reports" / "04_compare_and_report.html").read_text()
+    for text in ["Test perplexity", "Variation (%)", "NVIDIA Tesla P100", "lisboa", "Discussion", "smoke"]:
+        assert text in report, text
+    assert report.count("data:image/png;base64") >= 2          # loss curves + expert utilisation
+    for fig in ["loss_curves.png", "gpt2_loss.png", "moe_gqa_loss.png", "moe_expert_utilisation.png",
+                "document_lengths.png"]:
+        assert (out / "figures" / fig).stat().st_size > 1000, fig
+
+
+def test_rerun_reuses_finished_work(pipeline_run, tiny_corpus):
+    assert main(["--preset", "smoke", "--corpus-dir", str(tiny_corpus), "--out", str(pipeline_run),
+                 "--set", "device=cpu", "--only", "01_data_prep", "02_gpt2_baseline", "--no-html"]) == 0
+    texts = {}
+    for name in ("01_data_prep", "02_gpt2_baseline"):
+        nb = nbformat.read(pipeline_run / "notebooks" / f"{name}.ipynb", as_version=4)
+        texts[name] = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "reusing prepared data" in texts["01_data_prep"]
+    assert "already trained" in texts["02_gpt2_baseline"]
+
+
+def test_a_failing_notebook_is_named_with_its_cell_and_error(tmp_path, capsys):
+    code = main(["--preset", "smoke", "--corpus-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"),
+                 "--no-html"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "notebook 01_data_prep failed in cell" in err and "CorpusError" in err and "does not exist" in err
+    assert str(tmp_path / "run" / "notebooks" / "01_data_prep.ipynb") in err
+
+
+def test_bad_settings_fail_before_any_work(tmp_path, capsys):
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "run"), "--set", "n_kv_groups=3"]) == 2
+    assert "divisible by n_kv_groups" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_notebooks_are_committed_clean_and_share_their_parameters():
+    names = None
+    for name in NOTEBOOKS:
+        nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
+        params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1, name
+        assigned = {t.id for n in ast.parse(params[0].source).body for t in n.targets}
+        names = names or assigned
+        assert assigned == names, name
+        logic = [c for c in code if c not in params]
+        assert all(len(c.source.splitlines()) <= 10 for c in logic), f"{name} has a long code cell"
