@@ -82,6 +82,24 @@ def lr_factor(step: int, cfg: Config, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def training_step(model, x, y, optimizer, scaler, prec: Precision, cfg: Config):
+    """One optimizer step on a batch: forward under autocast, LM + weighted aux loss, backward,
+    optional clipping, step. Returns the model output; no host-device synchronisation."""
+    x = x.to(prec.device, non_blocking=True)
+    y = y.to(prec.device, non_blocking=True)
+    with prec.autocast():
+        out = model(x, y)
+        loss = out.loss + cfg.aux_loss_coef * out.aux_loss
+    scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, loader, prec: Precision, max_batches: int | None = None,
              expert_counts: list | None = None) -> float:
@@ -256,18 +274,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
         while not state.finished:
             train_loader.batch_sampler.set_epoch(state.epoch, state.batch_in_epoch)
             for x, y in train_loader:
-                x = x.to(prec.device, non_blocking=True)
-                y = y.to(prec.device, non_blocking=True)
-                with prec.autocast():
-                    out = forward_model(x, y)
-                    loss = out.loss + cfg.aux_loss_coef * out.aux_loss
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                out = training_step(forward_model, x, y, optimizer, scaler, prec, cfg)
                 scheduler.step()
                 state.step += 1
                 state.batch_in_epoch += 1

@@ -1,0 +1,147 @@
+"""Training throughput of both models side by side, in one process, with the engine's own step.
+
+    python benchmarks/train_throughput.py --preset paper --device cpu
+    python benchmarks/train_throughput.py --preset paper --device cuda --batch-size 8 64
+
+For each model and batch size: tokens/s over timed steps after warm-up (synchronised on a GPU),
+step time, peak memory, achieved FLOP/s and MFU (against the device's peak, known for common GPUs,
+or --peak-tflops), and the MoE-GQA / GPT-2 throughput ratio. Prints a table and writes JSON.
+Random token ids stand in for data: the step's cost does not depend on which tokens they are.
+A benchmark reports figures; it asserts nothing about them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from llm_nb_utils.accounting import model_summary  # noqa: E402
+from llm_nb_utils.config import make_config, parse_overrides  # noqa: E402
+from llm_nb_utils.device import resolve_device, resolve_precision  # noqa: E402
+from llm_nb_utils.models import build_model  # noqa: E402
+from llm_nb_utils.prepare import peak_rss_mb  # noqa: E402
+from llm_nb_utils.train import make_optimizer, training_step  # noqa: E402
+
+# Dense peak TFLOP/s by device name fragment, for the dtype a run uses (vendor datasheets; dense,
+# no sparsity). Matched in order, so the more specific names come first.
+PEAK_TFLOPS = [
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
+    ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 30.3}),
+    ("A10", {"bfloat16": 125.0, "float16": 125.0, "float32": 31.2}),
+    ("V100", {"float16": 125.0, "float32": 15.7}),
+    ("T4", {"float16": 65.0, "float32": 8.1}),
+    ("P100", {"float16": 18.7, "float32": 9.3}),
+]
+
+
+def peak_tflops(device_name: str, dtype: str) -> float | None:
+    for fragment, table in PEAK_TFLOPS:
+        if fragment in device_name:
+            return table.get(dtype)
+    return None
+
+
+def bench_one(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(name, cfg).to(prec.device)
+    summary = model_summary(model)
+    optimizer = make_optimizer(model, cfg, prec.device)
+    scaler = torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler)
+    forward = torch.compile(model) if cfg.compile and prec.device.type == "cuda" else model
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (batch_size, cfg.context_length + 1), generator=gen)
+               for _ in range(4)]
+    if prec.device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = peak_rss_mb()
+    times = []
+    for i in range(warmup + steps):
+        b = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        training_step(forward, b[:, :-1], b[:, 1:], optimizer, scaler, prec, cfg)
+        if prec.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    timed = times[warmup:]
+    step_s = sum(timed) / len(timed)
+    tokens = batch_size * cfg.context_length
+    tps = tokens / step_s
+    if prec.device.type == "cuda":
+        peak_mb, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated_mb"
+    else:
+        peak_mb, kind = peak_rss_mb(), "process_peak_rss_mb"
+    achieved = summary["flops_per_token"] * tps
+    peak = peak_tflops(prec.device_name, prec.dtype)
+    del model, optimizer
+    if prec.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"model": name, "batch_size": batch_size, "context_length": cfg.context_length,
+            "step_time_s": step_s, "step_time_min_s": min(timed), "tokens_per_s": tps,
+            "peak_memory_mb": peak_mb, "peak_memory_kind": kind, "rss_before_mb": rss_before,
+            "achieved_tflops": achieved / 1e12, "mfu": achieved / (peak * 1e12) if peak else None,
+            "peak_tflops": peak, **summary}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default=None, help="default: the preset's (bf16 for paper; fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None, help="one or more (default: preset's)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=["gpt2", "moe_gqa"])
+    p.add_argument("--compile", action="store_true", help="torch.compile (CUDA only)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, overriding the table")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other setting")
+    p.add_argument("--json", default="outputs/benchmarks/train_throughput.json")
+    args = p.parse_args(argv)
+
+    extra = {"device": args.device, "compile": args.compile, **parse_overrides(args.set)}
+    if args.dtype:
+        extra["dtype"] = args.dtype
+    cfg = make_config(args.preset, extra)
+    prec = resolve_precision(cfg.dtype, resolve_device(cfg.device), cfg.force_dtype)
+    print(f"device: {prec.device_name} | dtype: {prec.dtype}{' (' + prec.note + ')' if prec.note else ''} | "
+          f"torch {torch.__version__} | preset {args.preset} | threads {torch.get_num_threads()} | "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+    results = []
+    for bs in args.batch_size or [cfg.batch_size]:
+        for name in args.models:
+            r = bench_one(name, cfg, prec, bs, args.steps, args.warmup)
+            if args.peak_tflops:
+                r["peak_tflops"], r["mfu"] = args.peak_tflops, r["achieved_tflops"] / args.peak_tflops
+            results.append(r)
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            print(f"{name:>8} batch {bs:>4}x{cfg.context_length}: {r['tokens_per_s']:>11,.0f} tokens/s | step "
+                  f"{1000 * r['step_time_s']:8.1f} ms | peak {r['peak_memory_mb']:8,.0f} MB | "
+                  f"{r['achieved_tflops']:7.2f} TFLOP/s | MFU {mfu}", flush=True)
+    ratios = {}
+    for bs in args.batch_size or [cfg.batch_size]:
+        by = {r["model"]: r for r in results if r["batch_size"] == bs}
+        if {"gpt2", "moe_gqa"} <= set(by):
+            ratios[str(bs)] = by["moe_gqa"]["tokens_per_s"] / by["gpt2"]["tokens_per_s"]
+            print(f"MoE-GQA / GPT-2 throughput at batch {bs}: {ratios[str(bs)]:.3f}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": prec.device_name, "dtype": prec.dtype, "torch": torch.__version__,
+                               "preset": args.preset, "threads": torch.get_num_threads(),
+                               "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                               "results": results, "moe_over_gpt2": ratios}, indent=1))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Export trained models to the Hugging Face `transformers` format, with the GPT-2 tokenizer.
+
+Our GPT-2 baseline is architecturally `GPT2LMHeadModel` and our MoE-GQA model is
+`Qwen3MoeForCausalLM`; every setting that changes the math is mapped explicitly, and a setting the
+target class cannot express makes the export refuse rather than write a model that computes
+something else.
+
+    python -m llm_nb_utils.export_hf --run-dir outputs/run-paper --model moe_gqa --out outputs/hf/moe_gqa
+
+`transformers` and `safetensors` are optional: only this module needs them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .config import Config
+from .models import GPT2Model, MoEGQAModel, build_model
+from .tokenizer import EOT_ID, get_tokenizer
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise ExportError("exporting needs transformers and safetensors: pip install transformers safetensors") from e
+
+
+# --- tokenizer files -------------------------------------------------------------------------
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters used in vocab.json / merges.txt."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """Apply the merges of rank < max_rank to `token`'s bytes: what is left is the pair merged last."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        best, best_rank = None, None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < max_rank and (best_rank is None or r < best_rank):
+                best, best_rank = i, r
+        if best is None:
+            return parts
+        parts = parts[:best] + [parts[best] + parts[best + 1]] + parts[best + 2:]
+
+
+def write_gpt2_tokenizer(out_dir: str | Path, model_max_length: int) -> None:
+    """vocab.json and merges.txt rebuilt from tiktoken's GPT-2 ranks (no download needed)."""
+    enc = get_tokenizer()
+    ranks: dict[bytes, int] = enc._mergeable_ranks
+    b2u = _bytes_to_unicode()
+    to_str = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
+    vocab = {to_str(tok): rank for tok, rank in ranks.items()}
+    vocab["<|endoftext|>"] = EOT_ID
+    merges = []
+    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) > 1:
+            pair = _bpe_split(ranks, tok, rank)
+            assert len(pair) == 2, tok
+            merges.append(f"{to_str(pair[0])} {to_str(pair[1])}")
+    out = Path(out_dir)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (out / "special_tokens_map.json").write_text(json.dumps(special))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
+         "add_prefix_space": False, **special}))
+
+
+# --- GPT-2 ---------------------------------------------------------------------------------
+
+def _gpt2_to_hf(model: GPT2Model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = model.cfg
+    if cfg.n_heads * cfg.head_dim != cfg.emb_dim:
+        raise ExportError(f"GPT2LMHeadModel needs n_heads * head_dim == emb_dim (here {cfg.n_heads} x "
+                          f"{cfg.head_dim} != {cfg.emb_dim}): it derives head_dim from the width.")
+    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.hidden_dim,
+                        activation_function="gelu_new",          # GELU, tanh approximation
+                        layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.drop_rate, embd_pdrop=cfg.drop_rate,
+                        attn_pdrop=cfg.drop_rate, scale_attn_weights=True, tie_word_embeddings=cfg.tie_embeddings,
+                        bos_token_id=EOT_ID, eos_token_id=EOT_ID)
+    hf = GPT2LMHeadModel(hf_cfg).eval()
+    sd = model.state_dict()
+    new = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
+           "transformer.ln_f.weight": sd["final_norm.weight"], "transformer.ln_f.bias": sd["final_norm.bias"],
+           "lm_head.weight": sd["out_head.weight"]}
+
+    def linear(ours: str, theirs: str, out_features: int):
+        new[f"{theirs}.weight"] = sd[f"{ours}.weight"].t().contiguous()     # Conv1D stores (in, out)
+        bias = sd.get(f"{ours}.bias")
+        new[f"{theirs}.bias"] = bias if bias is not None else torch.zeros(out_features)   # bias=False
+
+    for i in range(cfg.n_layers):
+        o, t = f"blocks.{i}", f"transformer.h.{i}"
+        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            new[f"{t}.{b}.weight"], new[f"{t}.{b}.bias"] = sd[f"{o}.{a}.weight"], sd[f"{o}.{a}.bias"]
+        linear(f"{o}.attn.qkv", f"{t}.attn.c_attn", 3 * cfg.emb_dim)   # q, k, v in the same order
+        linear(f"{o}.attn.out_proj", f"{t}.attn.c_proj", cfg.emb_dim)
+        linear(f"{o}.ff.fc", f"{t}.mlp.c_fc", cfg.hidden_dim)
+        linear(f"{o}.ff.proj", f"{t}.mlp.c_proj", cfg.emb_dim)
+    _load_exact(hf, new)
+    return hf
+
+
+# --- MoE-GQA -> Qwen3-MoE -----------------------------------------------------------------------
+
+def _moe_to_hf(model: MoEGQAModel):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    cfg = model.cfg
+    if not cfg.qk_norm:
+        raise ExportError("Qwen3MoeForCausalLM always applies QK-norm; a model trained with qk_norm=False "
+                          "cannot be expressed by it, so it is not exported.")
+    hf_cfg = Qwen3MoeConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_groups, head_dim=cfg.head_dim,
+        intermediate_size=cfg.moe_intermediate_size,   # dense MLP width: unused, every layer is sparse
+        moe_intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.num_experts_per_token, norm_topk_prob=True,   # we renormalise the top-k
+        decoder_sparse_step=1, mlp_only_layers=[], hidden_act="silu", rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_base, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
+        max_position_embeddings=cfg.context_length, attention_bias=cfg.bias, attention_dropout=cfg.drop_rate,
+        tie_word_embeddings=cfg.tie_embeddings, use_sliding_window=False,
+        router_aux_loss_coef=cfg.aux_loss_coef, bos_token_id=EOT_ID, eos_token_id=EOT_ID)
+    hf = Qwen3MoeForCausalLM(hf_cfg).eval()
+    sd = model.state_dict()
+    keys = set(hf.state_dict())
+    new = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["final_norm.weight"],
+           "lm_head.weight": sd["out_head.weight"]}
+    for i in range(cfg.n_layers):
+        o, t = f"blocks.{i}", f"model.layers.{i}"
+        new[f"{t}.input_layernorm.weight"] = sd[f"{o}.norm1.weight"]
+        new[f"{t}.post_attention_layernorm.weight"] = sd[f"{o}.norm2.weight"]
+        for p in ("q", "k", "v"):
+            new[f"{t}.self_attn.{p}_proj.weight"] = sd[f"{o}.attn.{p}_proj.weight"]
+            if cfg.bias:
+                new[f"{t}.self_attn.{p}_proj.bias"] = sd[f"{o}.attn.{p}_proj.bias"]
+        new[f"{t}.self_attn.o_proj.weight"] = sd[f"{o}.attn.out_proj.weight"]
+        if cfg.bias:
+            new[f"{t}.self_attn.o_proj.bias"] = sd[f"{o}.attn.out_proj.bias"]
+        new[f"{t}.self_attn.q_norm.weight"] = sd[f"{o}.attn.q_norm.weight"]
+        new[f"{t}.self_attn.k_norm.weight"] = sd[f"{o}.attn.k_norm.weight"]
+        new[f"{t}.mlp.gate.weight"] = sd[f"{o}.moe.router.weight"]
+        gate, up, down = (sd[f"{o}.moe.{w}"].transpose(1, 2) for w in ("w_gate", "w_up", "w_down"))
+        if f"{t}.mlp.experts.gate_up_proj" in keys:          # transformers >= 5: experts fused in 3-D tensors
+            new[f"{t}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
+            new[f"{t}.mlp.experts.down_proj"] = down.contiguous()
+        else:                                                  # transformers 4.x: one Linear per expert
+            for e in range(cfg.num_experts):
+                new[f"{t}.mlp.experts.{e}.gate_proj.weight"] = gate[e].contiguous()
+                new[f"{t}.mlp.experts.{e}.up_proj.weight"] = up[e].contiguous()
+                new[f"{t}.mlp.experts.{e}.down_proj.weight"] = down[e].contiguous()
+    _load_exact(hf, new)
+    return hf
+
+
+def _load_exact(hf, new: dict) -> None:
+    """Every tensor of the target filled, nothing left over: a silent default would change the math."""
+    target = hf.state_dict()
+    tied = {"lm_head.weight"} if hf.config.tie_word_embeddings else set()
+    missing = set(target) - set(new) - tied
+    extra = set(new) - set(target) - tied
+    if missing or extra:
+        raise ExportError(f"weight mapping incomplete: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+    for k, v in new.items():
+        if k in target and target[k].shape != v.shape:
+            raise ExportError(f"{k}: shape {tuple(v.shape)} does not fit {tuple(target[k].shape)}")
+    hf.load_state_dict({k: v for k, v in new.items() if k in target}, strict=not tied)
+    if hf.config.tie_word_embeddings:
+        hf.tie_weights()
+
+
+def to_hf(model) -> "torch.nn.Module":
+    """The equivalent transformers model, in memory."""
+    _require_transformers()
+    if isinstance(model, GPT2Model):
+        return _gpt2_to_hf(model)
+    if isinstance(model, MoEGQAModel):
+        return _moe_to_hf(model)
+    raise ExportError(f"cannot export {type(model).__name__}")
+
+
+def load_from_checkpoint(path: str | Path):
+    ck = load_checkpoint(path)
+    cfg = Config(**{**ck["config"], "split_ratios": tuple(ck["config"]["split_ratios"])})
+    model = build_model(ck["model_name"], cfg)
+    model.load_state_dict(ck["model"])
+    return model.eval()
+
+
+def export_hf(model_or_checkpoint, out_dir: str | Path) -> Path:
+    """Write a `save_pretrained` directory (config, safetensors, generation config, tokenizer)."""
+    _require_transformers()
+    from transformers import GenerationConfig
+    model = model_or_checkpoint
+    if isinstance(model, (str, Path)):
+        model = load_from_checkpoint(model)
+    hf = to_hf(model.float().cpu().eval())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID,
+                     max_length=model.cfg.context_length).save_pretrained(out)
+    write_gpt2_tokenizer(out, model.cfg.context_length)
+    return out
+
+
+def export_run(run_dir: str | Path, name: str, out_dir: str | Path | None = None) -> Path:
+    """Export the latest checkpoint of `name` in a run directory (default: <run_dir>/hf/<name>)."""
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints" / name)
+    if ckpt is None:
+        raise ExportError(f"no checkpoint of {name} under {run_dir}/checkpoints: train it first")
+    return export_hf(ckpt, out_dir or Path(run_dir) / "hf" / name)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llm_nb_utils.export_hf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--model", nargs="+", default=["gpt2", "moe_gqa"], choices=["gpt2", "moe_gqa"])
+    p.add_argument("--out", default="", help="output folder (default <run-dir>/hf/<model>)")
+    args = p.parse_args(argv)
+    try:
+        for name in args.model:
+            out = Path(args.out) / name if args.out and len(args.model) > 1 else (args.out or None)
+            print(f"{name}: exported to {export_run(args.run_dir, name, out)}")
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

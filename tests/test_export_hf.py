@@ -1,0 +1,79 @@
+"""Exported models load in transformers (CPU, fp32, offline) and compute what ours compute."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from llm_nb_utils.config import make_config  # noqa: E402
+from llm_nb_utils.export_hf import ExportError, export_hf, to_hf  # noqa: E402
+from llm_nb_utils.generate import generate  # noqa: E402
+from llm_nb_utils.models import build_model  # noqa: E402
+from llm_nb_utils.tokenizer import encode  # noqa: E402
+
+
+def randomise(model):
+    """Random weights everywhere, norms and biases included, so that no mapping hides behind 1s and 0s."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.dim() > 1 else 0.3) + (1.0 if p.dim() == 1 else 0))
+    return model.eval()
+
+
+def max_logit_diff(model, hf, batch):
+    with torch.no_grad():
+        return (model(batch).logits - hf(batch).logits).abs().max().item()
+
+
+CASES = {
+    "gpt2": dict(),
+    "gpt2_bias_untied": dict(bias=True, tie_embeddings=False),
+    "moe_gqa": dict(),
+    "moe_gqa_bias_untied": dict(bias=True, tie_embeddings=False, n_kv_groups=1, num_experts=3,
+                                num_experts_per_token=1),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_small_models_match_transformers(case, tmp_path):
+    name = "gpt2" if case.startswith("gpt2") else "moe_gqa"
+    cfg = make_config("smoke", device="cpu", rope_base=500.0, norm_eps=1e-6, **CASES[case])
+    model = randomise(build_model(name, cfg))
+    out = export_hf(model, tmp_path / case)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    expected = "GPT2LMHeadModel" if name == "gpt2" else "Qwen3MoeForCausalLM"
+    assert type(hf).__name__ == expected
+    batch = torch.randint(0, cfg.vocab_size, (2, cfg.context_length), generator=torch.Generator().manual_seed(0))
+    diff = max_logit_diff(model, hf, batch)
+    print(f"{case}: max |logit difference| = {diff:.2e}")
+    assert diff < 1e-4
+    prompt = torch.tensor([encode("lisboa")])
+    ours = generate(model, prompt, 15)
+    theirs = hf.generate(prompt, max_new_tokens=15, do_sample=False, pad_token_id=50256, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "moe_gqa"])
+def test_paper_shapes_match_transformers(name):
+    cfg = make_config("paper", device="cpu")
+    model = randomise(build_model(name, cfg))
+    hf = to_hf(model)
+    batch = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    diff = max_logit_diff(model, hf, batch)
+    print(f"paper {name}: max |logit difference| = {diff:.2e}")
+    assert diff < 1e-3
+
+
+def test_tokenizer_files_reproduce_tiktoken_ids(tmp_path):
+    export_hf(build_model("gpt2", make_config("smoke", device="cpu")), tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ["lisboa", "Era uma vez, em Lisboa, à beira do Tejo: «Olá!»  Ação — 1899.\n\nFim.", " ąčę 😀"]:
+        assert tok(text)["input_ids"] == encode(text)
+    assert tok.eos_token_id == 50256
+
+
+def test_settings_the_target_cannot_express_are_refused():
+    with pytest.raises(ExportError, match="QK-norm"):
+        to_hf(build_model("moe_gqa", make_config("smoke", device="cpu", qk_norm=False)))
+    with pytest.raises(ExportError, match="n_heads \\* head_dim == emb_dim"):
+        to_hf(build_model("gpt2", make_config("smoke", device="cpu", head_dim=8)))
