@@ -32,7 +32,7 @@ def _require_transformers():
     try:
         import transformers  # noqa: F401
     except ImportError as e:
-        raise ExportError("exporting needs transformers and safetensors: pip install transformers safetensors") from e
+        raise ImportError("exporting needs transformers and safetensors: pip install transformers safetensors") from e
 
 
 # --- tokenizer files -------------------------------------------------------------------------
@@ -217,6 +217,8 @@ def export_hf(model_or_checkpoint, out_dir: str | Path) -> Path:
     model = model_or_checkpoint
     if isinstance(model, (str, Path)):
         model = load_from_checkpoint(model)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
     hf = to_hf(model.float().cpu().eval())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,6 +237,20 @@ def export_run(run_dir: str | Path, name: str, out_dir: str | Path | None = None
     return export_hf(ckpt, out_dir or Path(run_dir) / "hf" / name)
 
 
+def hf_generate(path: str | Path, prompt: str = "lisboa", max_new_tokens: int = 30) -> tuple[str, str]:
+    """Load an exported folder with transformers' Auto classes, quietly, and decode greedily."""
+    _require_transformers()
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = hf.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=max_new_tokens, do_sample=False,
+                      pad_token_id=EOT_ID)
+    return type(hf).__name__, tok.decode(ids[0])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llm_nb_utils.export_hf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,7 +262,7 @@ def main(argv=None) -> int:
         for name in args.model:
             out = Path(args.out) / name if args.out and len(args.model) > 1 else (args.out or None)
             print(f"{name}: exported to {export_run(args.run_dir, name, out)}")
-    except ExportError as e:
+    except (ExportError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

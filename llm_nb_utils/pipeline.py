@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=NOTEBOOKS, help="run only these notebooks (in order)")
     p.add_argument("--no-html", action="store_true", help="do not render HTML reports")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    p.add_argument("--export-hf", action="store_true",
+                   help="also export both models to <out>/hf/ (transformers format; notebook 04 does it too)")
     args = p.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -116,6 +118,10 @@ def main(argv=None) -> int:
     except PipelineError as e:
         print(f"\n[pipeline] FAILED: {e}", file=sys.stderr)
         return 1
+    if args.export_hf:
+        from .export_hf import export_run
+        for name in ("gpt2", "moe_gqa"):
+            print(f"[pipeline] {name} exported to {export_run(out, name)}")
     print(f"\n[pipeline] finished in {time.perf_counter() - t0:.1f} s. Run directory: {out.resolve()}")
     for r in reports:
         print(f"  report: {r}")

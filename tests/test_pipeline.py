@@ -14,7 +14,7 @@ from llm_nb_utils.env import REPO
 def pipeline_run(tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "run"
     code = main(["--preset", "smoke", "--corpus-dir", str(tiny_corpus), "--out", str(out),
-                 "--set", "device=cpu"])
+                 "--set", "device=cpu", "--export-hf"])
     assert code == 0
     return out
 
@@ -41,9 +41,12 @@ def test_pipeline_outputs(pipeline_run):
         assert "data:image/png;base64" in html or name == "01_data_prep" and "<table" in html, name
         assert "Traceback" not in html and "wandb:" not in html.lower()
     report = (out / "reports" / "04_compare_and_report.html").read_text()
-    for text in ["Test perplexity", "Variation (%)", "NVIDIA Tesla P100", "lisboa", "Discussion", "smoke"]:
+    for text in ["Test perplexity", "Variation (%)", "NVIDIA Tesla P100", "lisboa", "Discussion", "smoke",
+                 "GPT2LMHeadModel: 'lisboa", "Qwen3MoeForCausalLM: 'lisboa"]:
         assert text in report, text
     assert report.count("data:image/png;base64") >= 2          # loss curves + expert utilisation
+    for name in ("gpt2", "moe_gqa"):
+        assert (out / "hf" / name / "model.safetensors").exists() and (out / "hf" / name / "merges.txt").exists()
     for fig in ["loss_curves.png", "gpt2_loss.png", "moe_gqa_loss.png", "moe_expert_utilisation.png",
                 "document_lengths.png"]:
         assert (out / "figures" / fig).stat().st_size > 1000, fig
