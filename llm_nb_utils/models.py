@@ -7,6 +7,8 @@
 
 Both return an `LMOutput`: logits, the mean next-token loss when targets are given, and the
 auxiliary load-balancing loss (zero for GPT-2) kept apart so training can log it and add it.
+When targets are given with gradients enabled (training), the loss is fused with the LM head and
+`logits` is None: the 2048 x 50257 logits of a batch are never materialised.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from .attention import GroupedQueryAttention, MultiHeadAttention
 from .config import Config
 from .layers import FeedForward, KVCache, RMSNorm, init_weights, rope_tables
+from .loss import linear_cross_entropy
 from .moe import MoEFeedForward
 
 MODEL_NAMES = ("gpt2", "moe_gqa")
@@ -44,7 +47,12 @@ class _LanguageModel(nn.Module):
         return KVCache(self.cfg.n_layers)
 
     def _output(self, h: torch.Tensor, targets: torch.Tensor | None, aux: torch.Tensor) -> LMOutput:
-        logits = self.out_head(self.final_norm(h))
+        h = self.final_norm(h)
+        if targets is not None and torch.is_grad_enabled():
+            # Training: the head and the loss fused chunk by chunk; the full logits never exist.
+            loss = linear_cross_entropy(h.flatten(0, 1), self.out_head.weight, targets.flatten())
+            return LMOutput(None, loss, aux)
+        logits = self.out_head(h)
         loss = None
         if targets is not None:
             # fp32 cross-entropy: bf16/fp16 log-softmax over 50k classes loses precision.

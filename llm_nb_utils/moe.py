@@ -38,9 +38,9 @@ class MoEFeedForward(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         return probs, experts, weights / weights.sum(dim=-1, keepdim=True)
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU expert e on rows x."""
-        return (F.silu(x @ self.w_gate[e]) * (x @ self.w_up[e])) @ self.w_down[e]
+    @staticmethod
+    def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -52,10 +52,12 @@ class MoEFeedForward(nn.Module):
         order = assignments.argsort(stable=True)              # assignments grouped by expert
         token_of = order // self.top_k
         rows = flat[token_of]
+        # unbind, not w[e]: the backward of E slices would zero-fill and add E full-size gradients.
+        experts_w = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0))
         outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):               # the one host sync: segment sizes
+        for n, (w_gate, w_up, w_down) in zip(counts.tolist(), experts_w):   # the one host sync
             if n:
-                outs.append(self.expert(e, rows[start:start + n]))
+                outs.append(self.swiglu(rows[start:start + n], w_gate, w_up, w_down))
                 start += n
         mixed = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(outs[0].dtype)
         out = torch.zeros_like(flat).index_add_(0, token_of, mixed.to(flat.dtype))

@@ -27,10 +27,29 @@ def test_shapes_and_initial_loss(name):
     model = build_model(name, cfg)
     x = torch.randint(0, cfg.vocab_size, (3, cfg.context_length))
     y = torch.randint(0, cfg.vocab_size, (3, cfg.context_length))
+    assert model(x).logits.shape == (3, cfg.context_length, cfg.vocab_size)
     out = model(x, y)
-    assert out.logits.shape == (3, cfg.context_length, cfg.vocab_size)
+    assert out.logits is None            # training: loss fused with the head, no full logits
     assert abs(out.loss.item() - math.log(cfg.vocab_size)) < 0.1
     assert out.aux_loss.shape == ()
+    with torch.no_grad():
+        assert model(x, y).loss.item() == pytest.approx(out.loss.item(), abs=1e-5)
+
+
+def test_fused_head_and_loss_equal_plain_cross_entropy(monkeypatch):
+    from llm_nb_utils import loss as loss_mod
+    monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", 7 * 100)     # 7 rows a chunk: several chunks
+    torch.manual_seed(0)
+    h = torch.randn(30, 16, requires_grad=True)
+    w = torch.randn(100, 16, requires_grad=True)
+    t = torch.randint(0, 100, (30,))
+    fused = loss_mod.linear_cross_entropy(h, w, t)
+    g_fused = torch.autograd.grad(3 * fused, [h, w])
+    plain = F.cross_entropy(h @ w.t(), t)
+    g_plain = torch.autograd.grad(3 * plain, [h, w])
+    assert fused.item() == pytest.approx(plain.item(), abs=1e-6)
+    for a, b in zip(g_fused, g_plain):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)
