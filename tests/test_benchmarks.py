@@ -1,0 +1,57 @@
+"""The benchmark scripts run at a tiny size, so that they cannot rot. They report; nothing is timed here."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def load(script):
+    spec = importlib.util.spec_from_file_location(script, REPO / "benchmarks" / f"{script}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_throughput_benchmark_reports_both_models(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert load("train_throughput").main(["--preset", "smoke", "--device", "cpu", "--steps", "2", "--warmup", "1",
+                                          "--batch-size", "2", "4", "--peak-tflops", "1.0",
+                                          "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [(r["model"], r["batch_size"]) for r in data["results"]] == [
+        ("gpt2", 2), ("moe_gqa", 2), ("gpt2", 4), ("moe_gqa", 4)]
+    for r in data["results"]:
+        assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["peak_memory_mb"] > 0
+        assert r["achieved_tflops"] == r["flops_per_token"] * r["tokens_per_s"] / 1e12
+        assert r["mfu"] == r["achieved_tflops"] / 1.0
+    assert set(data["moe_over_gpt2"]) == {"2", "4"}
+    assert "MoE-GQA / GPT-2 throughput at batch 2" in capsys.readouterr().out
+
+
+def test_peak_table_lookup():
+    bench = load("train_throughput")
+    assert bench.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+    assert bench.peak_tflops("Tesla P100-PCIE-16GB", "float16") == 18.7
+    assert bench.peak_tflops("Tesla T4", "bfloat16") is None
+    assert bench.peak_tflops("CPU (x86_64, 2 threads)", "float32") is None
+
+
+def test_short_train_runs_both_models(prepared_run, tmp_path):
+    summary = tmp_path / "short.json"
+    assert load("short_train").main(["--data", str(prepared_run / "data"), "--run-dir", str(tmp_path / "run"),
+                                     "--preset", "smoke", "--max-steps", "3", "--json", str(summary)]) == 0
+    rows = json.loads(summary.read_text())
+    assert set(rows) == {"gpt2", "moe_gqa"} and all(r["steps"] == 3 for r in rows.values())
+
+
+def test_gpu_check_prepares_what_travels(tiny_corpus, tmp_path):
+    env = {**os.environ, "CARRY": str(tmp_path / "carry"), "CORPUS_DIR": str(tiny_corpus), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "prepare"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "carry" / "run" / "data" / "meta.json").exists()
+    assert len(list((tmp_path / "carry" / "tiktoken_cache").iterdir())) == 1
+    assert subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True).returncode == 2
