@@ -26,7 +26,7 @@ from llm_nb_utils.accounting import model_summary  # noqa: E402
 from llm_nb_utils.config import make_config, parse_overrides  # noqa: E402
 from llm_nb_utils.device import resolve_device, resolve_precision  # noqa: E402
 from llm_nb_utils.models import build_model  # noqa: E402
-from llm_nb_utils.prepare import peak_rss_mb  # noqa: E402
+from llm_nb_utils.memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 from llm_nb_utils.train import make_optimizer, training_step  # noqa: E402
 
 # Dense peak TFLOP/s by device name fragment, for the dtype a run uses (vendor datasheets; dense,
@@ -64,7 +64,8 @@ def bench_one(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) ->
         batches = [b.pin_memory() for b in batches]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss_before = peak_rss_mb()
+    else:
+        reset_peak_rss()   # each model's own peak, not the process's since start
     times = []
     for i in range(warmup + steps):
         b = batches[i % len(batches)]
@@ -88,7 +89,7 @@ def bench_one(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) ->
         torch.cuda.empty_cache()
     return {"model": name, "batch_size": batch_size, "context_length": cfg.context_length,
             "step_time_s": step_s, "step_time_min_s": min(timed), "tokens_per_s": tps,
-            "peak_memory_mb": peak_mb, "peak_memory_kind": kind, "rss_before_mb": rss_before,
+            "peak_memory_mb": peak_mb, "peak_memory_kind": kind,
             "achieved_tflops": achieved / 1e12, "mfu": achieved / (peak * 1e12) if peak else None,
             "peak_tflops": peak, **summary}
 

@@ -10,13 +10,13 @@ import hashlib
 import json
 import os
 import random
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .corpus import CorpusScan, read_document, scan_corpus
+from .memory import peak_rss_mb, reset_peak_rss
 from .tokenizer import EOT_ID, encode
 
 SPLITS = ("train", "val", "test")
@@ -28,11 +28,6 @@ def _fingerprint(scan: CorpusScan, split_method: str, ratios, seed: int) -> str:
                            "ratios": list(ratios), "seed": seed if split_method == "documents" else None,
                            "tokenizer": "r50k_base"}, sort_keys=True)
     return hashlib.sha256((scan.raw_fingerprint + settings).encode()).hexdigest()
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _plan_proportional(scan: CorpusScan, ratios):
@@ -72,6 +67,7 @@ def prepare_data(corpus_dir: str | Path, data_dir: str | Path, split_method: str
                  source: str = "local", force: bool = False, log=print) -> dict:
     """Tokenize the corpus into `data_dir`, or reuse what is there if inputs and settings match."""
     t0 = time.perf_counter()
+    reset_peak_rss()
     data_dir = Path(data_dir)
     scan = scan_corpus(corpus_dir, allow_undecodable=allow_undecodable)
     fingerprint = _fingerprint(scan, split_method, ratios, seed)

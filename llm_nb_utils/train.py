@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from .data import load_splits, make_dataloader
 from .device import Precision, resolve_device, resolve_precision
 from .generate import sample_generations
 from .models import build_model
-from .prepare import peak_rss_mb
+from .memory import peak_rss_mb, reset_peak_rss
 from .tracking import init_tracking
 
 THROUGHPUT_DEFINITION = ("training tokens processed / wall-clock seconds spent in training steps "
@@ -249,8 +248,10 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
                 f"is {last or 'none (no checkpoint yet)'}. Fix: lower lr (now {cfg.lr}), keep grad_clip "
                 "on, or use float32 / bfloat16 instead of float16; then resume.")
 
-    if torch.cuda.is_available() and prec.device.type == "cuda":
+    if prec.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(prec.device)
+    else:
+        reset_peak_rss()
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -8,7 +8,7 @@ from llm_nb_utils.config import make_config
 from llm_nb_utils.corpus import CorpusError, clean_text, scan_corpus
 from llm_nb_utils.data import DataSizeError, TokenWindowDataset, load_splits, table1
 from llm_nb_utils.prepare import prepare_data
-from llm_nb_utils.tokenizer import EOT_ID, decode, encode
+from llm_nb_utils.tokenizer import EOT_ID, decode
 
 quiet = dict(log=lambda *_: None)
 

@@ -187,3 +187,15 @@ def test_missing_or_unsupported_gpu_is_explained(monkeypatch):
         dev.check_gpu_supported()
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_60", "sm_70"])
     dev.check_gpu_supported()
+
+
+def test_peak_rss_can_be_reset_between_models():
+    import numpy as np
+    from llm_nb_utils.memory import peak_rss_mb, reset_peak_rss
+    assert reset_peak_rss()
+    before = peak_rss_mb()
+    big = np.ones(300 * 2**20 // 8)            # 300 MB, touched
+    assert peak_rss_mb() > before + 250
+    del big
+    assert reset_peak_rss()
+    assert peak_rss_mb() < before + 150
