@@ -29,9 +29,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             grad = logits.sub_(lse[:, None]).exp_()               # softmax, in place
             grad[torch.arange(len(tc), device=h.device), tc] -= 1.0
-            grad = grad.div_(n).to(hc.dtype)
-            grad_h[s:s + rows] = grad @ weight.to(hc.dtype)
-            grad_w += (grad.t() @ hc).float()
+            # The 1/n of the mean is applied after the products, in fp32: under fp16 autocast,
+            # (softmax - one-hot) / n would underflow for most of the vocabulary, and these
+            # gradients are computed here, outside the GradScaler's scaling.
+            grad_h[s:s + rows] = ((grad @ weight).float() / n).to(h.dtype)
+            grad_w += (grad.t() @ hc).float() / n
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / n
 
