@@ -35,6 +35,8 @@ def setup(preset: str, overrides: dict | None = None, run_dir: str = "", **extra
     cfg = make_config(preset, values)
     path = Path(run_dir) if run_dir else default_run_dir(preset)
     path.mkdir(parents=True, exist_ok=True)
-    print(f"platform: {platform()} | preset: {preset} | overrides: {json.dumps(values) if values else 'none'}")
+    defaults = make_config(preset).to_dict()
+    changed = {k: v for k, v in cfg.to_dict().items() if defaults[k] != v}
+    print(f"platform: {platform()} | preset: {preset} | changed settings: {json.dumps(changed) if changed else 'none'}")
     print(f"run directory: {path.resolve()}")
     return NotebookRun(cfg, path)

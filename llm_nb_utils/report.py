@@ -129,7 +129,7 @@ def corpus_by_source(meta: dict) -> pd.DataFrame:
     """Corpus statistics per top-level folder of the corpus (one 'source' per folder)."""
     rows: dict[str, dict] = {}
     for f in meta["files"]:
-        src = f["path"].split("/")[0] if "/" in f["path"] else "."
+        src = f["path"].split("/")[0] if "/" in f["path"] else "(top level)"
         r = rows.setdefault(src, {"files": 0, "kept": 0, "MB": 0.0, "words": 0})
         r["files"] += 1
         r["MB"] += f["bytes"] / 1e6
