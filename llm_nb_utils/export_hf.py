@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +31,9 @@ class ExportError(ValueError):
 
 def _require_transformers():
     try:
-        import transformers  # noqa: F401
+        with warnings.catch_warnings():   # e.g. tqdm's "IProgress not found" in a notebook
+            warnings.simplefilter("ignore")
+            import transformers  # noqa: F401
     except ImportError as e:
         raise ImportError("exporting needs transformers and safetensors: pip install transformers safetensors") from e
 

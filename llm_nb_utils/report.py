@@ -195,7 +195,9 @@ def discussion(metrics: dict[str, dict]) -> str:
         f"{g['tokens_per_s']:,.0f} tokens/s; study: {study_ratio:.2f}x on a P100); total training time "
         f"{dtime:+.1f}%.",
         f"- **Memory.** Peak memory {dmem:+.1f}% for MoE-GQA ({m['peak_memory_mb']:,.0f} vs "
-        f"{g['peak_memory_mb']:,.0f} MB, {g['peak_memory_kind']}); study: {study_dmem:+.1f}% in VRAM.",
+        f"{g['peak_memory_mb']:,.0f} MB, "
+        f"{'GPU memory' if g['peak_memory_kind'].startswith('cuda') else 'process peak RSS'}); "
+        f"study: {study_dmem:+.1f}% in VRAM.",
     ]
     if g["steps"] != m["steps"] or g["tokens_seen"] != m["tokens_seen"]:
         lines.append(f"- **Caution.** The two runs saw different amounts of data ({g['tokens_seen']:,} vs "
