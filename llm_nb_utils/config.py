@@ -106,10 +106,6 @@ class Config:
         d.update(changes)
         return Config(**d)
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_groups
-
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},  # the dataclass defaults are the study's CONFIG
@@ -208,9 +204,10 @@ def validate(cfg: Config) -> None:
     for name in ("lr", "rope_base", "norm_eps"):
         if not getattr(cfg, name) > 0:
             errors.append(f"{name} must be > 0 (got {getattr(cfg, name)!r})")
-    for name in ("drop_rate", "min_lr_ratio"):
-        if not 0 <= getattr(cfg, name) < 1.0 + (name == "min_lr_ratio"):
-            errors.append(f"{name} must be in [0, 1) (got {getattr(cfg, name)!r})")
+    if not 0 <= cfg.drop_rate < 1:
+        errors.append(f"drop_rate must be in [0, 1) (got {cfg.drop_rate!r})")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        errors.append(f"min_lr_ratio must be in [0, 1] (got {cfg.min_lr_ratio!r})")
     for name in ("weight_decay", "grad_clip", "aux_loss_coef"):
         if getattr(cfg, name) < 0:
             errors.append(f"{name} must be >= 0 (got {getattr(cfg, name)!r})")

@@ -160,7 +160,7 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
 
 
 def _check_compatible(saved: dict, cfg: Config, path: Path) -> None:
-    keys = Config.MODEL_KEYS + ("batch_size", "stride", "seed", "context_length")
+    keys = Config.MODEL_KEYS + ("batch_size", "stride", "seed")   # shapes, and the data order
     diff = {k: (saved.get(k), getattr(cfg, k)) for k in keys if saved.get(k) != getattr(cfg, k)}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())

@@ -26,6 +26,8 @@ def test_overrides_from_strings_are_typed():
     (dict(batch_size=-1), "batch_size must be a positive integer"),
     (dict(dtype="float8"), "dtype must be one of"),
     (dict(split_ratios=(0.5, 0.2, 0.2)), "split_ratios"),
+    (dict(min_lr_ratio=1.5), "min_lr_ratio must be in [0, 1]"),
+    (dict(drop_rate=1.0), "drop_rate must be in [0, 1)"),
 ])
 def test_inconsistent_values_are_rejected(changes, fragment):
     with pytest.raises(ConfigError) as e:
