@@ -190,12 +190,17 @@ def test_missing_or_unsupported_gpu_is_explained(monkeypatch):
 
 
 def test_peak_rss_can_be_reset_between_models():
+    import mmap
+
     import numpy as np
     from llm_nb_utils.memory import peak_rss_mb, reset_peak_rss
     assert reset_peak_rss()
     before = peak_rss_mb()
-    big = np.ones(300 * 2**20 // 8)            # 300 MB, touched
+    # An anonymous mapping, not malloc: with make's GLIBC_TUNABLES freed heap stays resident and
+    # a malloc'd array could reuse pages already counted.
+    block = mmap.mmap(-1, 300 * 2**20)
+    np.frombuffer(block, dtype=np.uint8)[:] = 1            # touch every page
     assert peak_rss_mb() > before + 250
-    del big
+    block.close()
     assert reset_peak_rss()
     assert peak_rss_mb() < before + 150
