@@ -31,6 +31,10 @@ class MoEFeedForward(nn.Module):
         self.aux_loss = torch.zeros(())
         self.expert_counts = torch.zeros(num_experts, dtype=torch.long)
 
+    def extra_repr(self) -> str:
+        e, d, h = self.w_gate.shape
+        return f"experts={e} x SwiGLU({d} -> {h} -> {d}), top_k={self.top_k}"
+
     def route(self, flat: torch.Tensor):
         """Router probabilities (N, E) in fp32, chosen experts (N, k) and their renormalised weights."""
         with torch.autocast(device_type=flat.device.type, enabled=False):
