@@ -24,9 +24,9 @@ import torch  # noqa: E402
 
 from llm_nb_utils.accounting import model_summary  # noqa: E402
 from llm_nb_utils.config import make_config, parse_overrides  # noqa: E402
-from llm_nb_utils.device import resolve_device, resolve_precision  # noqa: E402
+from llm_nb_utils.device import (maybe_compile, peak_memory, reset_peak_memory, resolve_device,  # noqa: E402
+                                 resolve_precision, synchronize)
 from llm_nb_utils.models import build_model  # noqa: E402
-from llm_nb_utils.memory import peak_rss_mb, reset_peak_rss  # noqa: E402
 from llm_nb_utils.train import make_optimizer, training_step  # noqa: E402
 
 # Dense peak TFLOP/s by device name fragment, for the dtype a run uses (vendor datasheets; dense,
@@ -56,32 +56,26 @@ def bench_one(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) ->
     summary = model_summary(model)
     optimizer = make_optimizer(model, cfg, prec.device)
     scaler = torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler)
-    forward = torch.compile(model) if cfg.compile and prec.device.type == "cuda" else model
+    forward = maybe_compile(model, cfg.compile, prec.device)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (batch_size, cfg.context_length + 1), generator=gen)
                for _ in range(4)]
     if prec.device.type == "cuda":
         batches = [b.pin_memory() for b in batches]
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()   # each model's own peak, not the process's since start
+    synchronize(prec.device)
+    reset_peak_memory(prec.device)   # each model's own peak, not the process's since start
     times = []
     for i in range(warmup + steps):
         b = batches[i % len(batches)]
         t0 = time.perf_counter()
         training_step(forward, b[:, :-1], b[:, 1:], optimizer, scaler, prec, cfg)
-        if prec.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(prec.device)
         times.append(time.perf_counter() - t0)
     timed = times[warmup:]
     step_s = sum(timed) / len(timed)
     tokens = batch_size * cfg.context_length
     tps = tokens / step_s
-    if prec.device.type == "cuda":
-        peak_mb, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated_mb"
-    else:
-        peak_mb, kind = peak_rss_mb(), "process_peak_rss_mb"
+    peak_mb, kind = peak_memory(prec.device)
     achieved = summary["flops_per_token"] * tps
     peak = peak_tflops(prec.device_name, prec.dtype)
     del model, optimizer

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory import peak_rss_mb, reset_peak_rss
+
 
 class DeviceError(RuntimeError):
     pass
@@ -84,3 +86,37 @@ def resolve_precision(requested_dtype: str, device: torch.device, force: bool = 
     return Precision(device, name, "float32", None, False,
                      f"{requested_dtype} requested but this is a CPU: training in float32 (low precision "
                      "is emulated and much slower on most CPUs; set force_dtype=True to insist)")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading means what it says."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics on a GPU, the process's RSS high-water mark on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(MB, what was measured) since the last reset_peak_memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated_mb"
+    return peak_rss_mb(), "process_peak_rss_mb"
+
+
+def maybe_compile(model: torch.nn.Module, requested: bool, device: torch.device, log=print):
+    """torch.compile when asked for and Triton can generate code for the GPU (capability >= 7.0)."""
+    if not requested:
+        return model
+    if device.type != "cuda":
+        log("compile=True ignored: torch.compile is only used on a CUDA GPU here")
+        return model
+    if torch.cuda.get_device_capability(device)[0] < 7:
+        log(f"compile=True ignored: Triton does not support {torch.cuda.get_device_name(device)} (compute capability < 7.0)")
+        return model
+    return torch.compile(model)

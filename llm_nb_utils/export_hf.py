@@ -106,7 +106,7 @@ def _gpt2_to_hf(model: GPT2Model):
                         attn_pdrop=cfg.drop_rate, scale_attn_weights=True, tie_word_embeddings=cfg.tie_embeddings,
                         bos_token_id=EOT_ID, eos_token_id=EOT_ID)
     hf = GPT2LMHeadModel(hf_cfg).eval()
-    sd = model.state_dict()
+    sd = _cpu_fp32_state(model)
     new = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"],
            "transformer.ln_f.weight": sd["final_norm.weight"], "transformer.ln_f.bias": sd["final_norm.bias"],
            "lm_head.weight": sd["out_head.weight"]}
@@ -148,7 +148,7 @@ def _moe_to_hf(model: MoEGQAModel):
         tie_word_embeddings=cfg.tie_embeddings, use_sliding_window=False,
         router_aux_loss_coef=cfg.aux_loss_coef, bos_token_id=EOT_ID, eos_token_id=EOT_ID)
     hf = Qwen3MoeForCausalLM(hf_cfg).eval()
-    sd = model.state_dict()
+    sd = _cpu_fp32_state(model)
     keys = set(hf.state_dict())
     new = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["final_norm.weight"],
            "lm_head.weight": sd["out_head.weight"]}
@@ -179,6 +179,11 @@ def _moe_to_hf(model: MoEGQAModel):
     return hf
 
 
+def _cpu_fp32_state(model) -> dict:
+    """Copies of the weights on the CPU in fp32; the caller's model stays where and as it is."""
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
+
+
 def _load_exact(hf, new: dict) -> None:
     """Every tensor of the target filled, nothing left over: a silent default would change the math."""
     target = hf.state_dict()
@@ -207,7 +212,7 @@ def to_hf(model) -> "torch.nn.Module":
 
 def load_from_checkpoint(path: str | Path):
     ck = load_checkpoint(path)
-    cfg = Config(**{**ck["config"], "split_ratios": tuple(ck["config"]["split_ratios"])})
+    cfg = Config(**ck["config"])
     model = build_model(ck["model_name"], cfg)
     model.load_state_dict(ck["model"])
     return model.eval()
@@ -222,7 +227,7 @@ def export_hf(model_or_checkpoint, out_dir: str | Path) -> Path:
         model = load_from_checkpoint(model)
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    hf = to_hf(model.float().cpu().eval())
+    hf = to_hf(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)

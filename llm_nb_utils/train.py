@@ -25,10 +25,10 @@ from .accounting import model_summary
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import load_splits, make_dataloader
-from .device import Precision, resolve_device, resolve_precision
+from .device import (Precision, maybe_compile, peak_memory, reset_peak_memory, resolve_device,
+                     resolve_precision, synchronize)
 from .generate import sample_generations
 from .models import build_model
-from .memory import peak_rss_mb, reset_peak_rss
 from .tracking import init_tracking
 
 THROUGHPUT_DEFINITION = ("training tokens processed / wall-clock seconds spent in training steps "
@@ -83,7 +83,8 @@ def lr_factor(step: int, cfg: Config, total_steps: int) -> float:
 
 def training_step(model, x, y, optimizer, scaler, prec: Precision, cfg: Config):
     """One optimizer step on a batch: forward under autocast, LM + weighted aux loss, backward,
-    optional clipping, step. Returns the model output; no host-device synchronisation."""
+    optional clipping, step. Returns the model output. It reads nothing back to the host itself;
+    the MoE dispatch (segment sizes) and an active fp16 GradScaler (inf check) each sync once."""
     x = x.to(prec.device, non_blocking=True)
     y = y.to(prec.device, non_blocking=True)
     with prec.autocast():
@@ -146,17 +147,6 @@ def _deferred_interrupt():
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated_mb"
-    return peak_rss_mb(), "process_peak_rss_mb"
 
 
 def _check_compatible(saved: dict, cfg: Config, path: Path) -> None:
@@ -223,7 +213,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
         log(f"{name} already trained ({state.step} steps): reusing {metrics_path}")
         return {**load_metrics(run_dir, name), "model": model}
 
-    forward_model = torch.compile(model) if cfg.compile and prec.device.type == "cuda" else model
+    forward_model = maybe_compile(model, cfg.compile, prec.device, log)
     tracker = init_tracking(cfg, run_dir, name, wandb_mode)
     log(tracker.message)
 
@@ -248,10 +238,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
                 f"is {last or 'none (no checkpoint yet)'}. Fix: lower lr (now {cfg.lr}), keep grad_clip "
                 "on, or use float32 / bfloat16 instead of float16; then resume.")
 
-    if prec.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(prec.device)
-    else:
-        reset_peak_rss()
+    reset_peak_memory(prec.device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -263,7 +250,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
 
     def close_segment():
         nonlocal step_time_before
-        _sync(prec.device)
+        synchronize(prec.device)
         state.step_time_s = step_time_before + time.perf_counter() - segment_start
         step_time_before = state.step_time_s
 
@@ -300,7 +287,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
                     tracker.log({"train/loss": train_loss, "val/loss": val_loss, "train/aux_loss": last_aux.item(),
                                  "lr": scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen,
                                  "tokens_per_s": tokens_per_s(),
-                                 "peak_memory_mb": _peak_memory(prec.device)[0]}, step=state.step)
+                                 "peak_memory_mb": peak_memory(prec.device)[0]}, step=state.step)
                     if bar is None:
                         log(f"{name} step {state.step:>6}/{total_steps} | train {train_loss:.3f} | val "
                             f"{val_loss:.3f} | {tokens_per_s():,.0f} tokens/s")
@@ -312,7 +299,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
                     close_segment()
                     check_finite()
                     state.train_time_s = time.perf_counter() - loop_start
-                    state.peak_memory_mb = max(state.peak_memory_mb, _peak_memory(prec.device)[0])
+                    state.peak_memory_mb = max(state.peak_memory_mb, peak_memory(prec.device)[0])
                     path = checkpoint("interrupt" if interrupt["hit"] else "periodic")
                     if interrupt["hit"]:
                         if bar is not None:
@@ -327,7 +314,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
             close_segment()
             check_finite()
             state.train_time_s = time.perf_counter() - loop_start
-            state.peak_memory_mb = max(state.peak_memory_mb, _peak_memory(prec.device)[0])
+            state.peak_memory_mb = max(state.peak_memory_mb, peak_memory(prec.device)[0])
             state.finished = stop or state.epoch >= cfg.max_epochs
             checkpoint("end" if state.finished else "epoch")
             segment_start = time.perf_counter()
@@ -336,7 +323,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
 
     expert_counts: list = []
     test_loss = evaluate(model, loaders["test"], prec, cfg.test_batches or None, expert_counts)
-    peak, peak_kind = _peak_memory(prec.device)
+    peak, peak_kind = peak_memory(prec.device)
     metrics = {
         "model": name, "test_loss": test_loss, "test_perplexity": math.exp(test_loss),
         "train_time_s": state.train_time_s, "tokens_per_s": tokens_per_s(),

@@ -64,6 +64,14 @@ def test_paper_shapes_match_transformers(name):
     assert diff < 1e-3
 
 
+def test_export_leaves_the_callers_model_alone(tmp_path):
+    model = build_model("gpt2", make_config("smoke", device="cpu")).to(torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_hf(model, tmp_path)
+    after = model.state_dict()
+    assert all(after[k].dtype == torch.float64 and torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_tokenizer_files_reproduce_tiktoken_ids(tmp_path):
     export_hf(build_model("gpt2", make_config("smoke", device="cpu")), tmp_path)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)

@@ -204,3 +204,13 @@ def test_peak_rss_can_be_reset_between_models():
     block.close()
     assert reset_peak_rss()
     assert peak_rss_mb() < before + 150
+
+
+def test_compile_only_where_triton_can(monkeypatch):
+    model, msgs = torch.nn.Linear(2, 2), []
+    assert dev.maybe_compile(model, False, torch.device("cpu"), msgs.append) is model and not msgs
+    assert dev.maybe_compile(model, True, torch.device("cpu"), msgs.append) is model and "CUDA" in msgs[-1]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla P100-PCIE-16GB")
+    assert dev.maybe_compile(model, True, torch.device("cuda"), msgs.append) is model
+    assert "Triton does not support Tesla P100" in msgs[-1]
