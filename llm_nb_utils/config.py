@@ -160,6 +160,13 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"setting {key}={value!r}: expected a {ftype}.") from None
 
 
+def changed_settings(cfg: Config | Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of `cfg` (a Config or its to_dict()) that differ from its preset."""
+    values = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    defaults = make_config(values["preset"]).to_dict() if values.get("preset") in PRESETS else Config().to_dict()
+    return {k: v for k, v in values.items() if k != "preset" and defaults.get(k) != v}
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """["batch_size=16", "dtype=float16"] -> {"batch_size": "16", "dtype": "float16"}."""
     out = {}

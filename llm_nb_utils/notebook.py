@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, make_config
+from .config import Config, changed_settings, make_config
 from .env import default_run_dir, platform
 
 
@@ -35,8 +35,7 @@ def setup(preset: str, overrides: dict | None = None, run_dir: str = "", **extra
     cfg = make_config(preset, values)
     path = Path(run_dir) if run_dir else default_run_dir(preset)
     path.mkdir(parents=True, exist_ok=True)
-    defaults = make_config(preset).to_dict()
-    changed = {k: v for k, v in cfg.to_dict().items() if defaults[k] != v}
+    changed = changed_settings(cfg)
     print(f"platform: {platform()} | preset: {preset} | changed settings: {json.dumps(changed) if changed else 'none'}")
     print(f"run directory: {path.resolve()}")
     return NotebookRun(cfg, path)

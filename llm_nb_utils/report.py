@@ -151,11 +151,10 @@ def generations_table(metrics: dict[str, dict]) -> pd.DataFrame:
 
 
 def environment_table(metrics: dict[str, dict], data_meta: dict | None = None) -> pd.DataFrame:
-    from .config import make_config
+    from .config import changed_settings
     rows = {}
     for name, m in metrics.items():
-        defaults = make_config(m["preset"]).to_dict()
-        overrides = {k: v for k, v in m["config"].items() if defaults.get(k) != v}
+        overrides = changed_settings(m["config"])
         rows[LABELS[name]] = {"device": m["device"], "device name": m.get("device_name", ""),
                               "dtype used": m["dtype"] + (f" ({m['precision_note']})" if m.get("precision_note") else ""),
                               "torch": m["torch_version"], "preset": m["preset"],

@@ -53,3 +53,11 @@ def test_replace_validates_again():
         c.replace(n_kv_groups=3)
     with pytest.raises(ConfigError):
         Config(n_heads=6)
+
+
+def test_changed_settings_lists_only_differences_from_the_preset():
+    from llm_nb_utils.config import changed_settings
+    c = make_config("smoke", {"batch_size": 2, "seed": 123})        # seed 123 is the preset's value
+    assert changed_settings(c) == {"batch_size": 2}
+    assert changed_settings(c.to_dict()) == {"batch_size": 2}
+    assert changed_settings(make_config("paper")) == {}
