@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,6 +37,21 @@ def _require_transformers():
             import transformers  # noqa: F401
     except ImportError as e:
         raise ImportError("exporting needs transformers and safetensors: pip install transformers safetensors") from e
+
+
+@contextmanager
+def _quiet_transformers():
+    """No progress bars or info logs in notebook outputs; the caller's settings come back after."""
+    from transformers.utils import logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 # --- tokenizer files -------------------------------------------------------------------------
@@ -225,12 +241,11 @@ def export_hf(model_or_checkpoint, out_dir: str | Path) -> Path:
     model = model_or_checkpoint
     if isinstance(model, (str, Path)):
         model = load_from_checkpoint(model)
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
     hf = to_hf(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out, safe_serialization=True)
+    with _quiet_transformers():
+        hf.save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID,
                      max_length=model.cfg.context_length).save_pretrained(out)
     write_gpt2_tokenizer(out, model.cfg.context_length)
@@ -248,14 +263,12 @@ def export_run(run_dir: str | Path, name: str, out_dir: str | Path | None = None
 def hf_generate(path: str | Path, prompt: str = "lisboa", max_new_tokens: int = 30) -> tuple[str, str]:
     """Load an exported folder with transformers' Auto classes, quietly, and decode greedily."""
     _require_transformers()
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(path)
-    hf = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = hf.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=max_new_tokens, do_sample=False,
-                      pad_token_id=EOT_ID)
+    with _quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(path)
+        hf = AutoModelForCausalLM.from_pretrained(path).eval()
+        ids = hf.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=max_new_tokens, do_sample=False,
+                          pad_token_id=EOT_ID)
     return type(hf).__name__, tok.decode(ids[0])
 
 

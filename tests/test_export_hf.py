@@ -85,3 +85,17 @@ def test_settings_the_target_cannot_express_are_refused():
         to_hf(build_model("moe_gqa", make_config("smoke", device="cpu", qk_norm=False)))
     with pytest.raises(ExportError, match="n_heads \\* head_dim == emb_dim"):
         to_hf(build_model("gpt2", make_config("smoke", device="cpu", head_dim=8)))
+
+
+def test_quiet_export_restores_the_callers_transformers_settings(tmp_path):
+    from llm_nb_utils.export_hf import hf_generate
+    logging = transformers.utils.logging
+    logging.set_verbosity_info()
+    logging.enable_progress_bar()
+    try:
+        path = export_hf(build_model("gpt2", make_config("smoke", device="cpu")), tmp_path)
+        cls, text = hf_generate(path, "lisboa", max_new_tokens=3)
+        assert cls == "GPT2LMHeadModel" and text.startswith("lisboa")
+        assert logging.get_verbosity() == logging.INFO and logging.is_progress_bar_enabled()
+    finally:
+        logging.set_verbosity_warning()
