@@ -8,12 +8,18 @@ step time, peak memory, achieved FLOP/s and MFU (against the device's peak, know
 or --peak-tflops), and the MoE-GQA / GPT-2 throughput ratio. Prints a table and writes JSON.
 Random token ids stand in for data: the step's cost does not depend on which tokens they are.
 A benchmark reports figures; it asserts nothing about them.
+
+Throughput comes from the median step time. With --rounds R each model is built and timed R
+times, in alternating order (A B, B A, ...), and the steps of all rounds are pooled: on a shared
+machine whose speed drifts by tens of percent over minutes, timing one model after the other
+puts the drift into the ratio, and alternation spreads it over both.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,7 +56,8 @@ def peak_tflops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-def bench_one(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) -> dict:
+def time_steps(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) -> tuple[list, float, str, dict]:
+    """Build `name` afresh and time `steps` training steps after `warmup`: (step times, peak MB, kind, summary)."""
     torch.manual_seed(0)
     model = build_model(name, cfg).to(prec.device)
     summary = model_summary(model)
@@ -71,21 +78,37 @@ def bench_one(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) ->
         training_step(forward, b[:, :-1], b[:, 1:], optimizer, scaler, prec, cfg)
         synchronize(prec.device)
         times.append(time.perf_counter() - t0)
-    timed = times[warmup:]
-    step_s = sum(timed) / len(timed)
-    tokens = batch_size * cfg.context_length
-    tps = tokens / step_s
     peak_mb, kind = peak_memory(prec.device)
-    achieved = summary["flops_per_token"] * tps
-    peak = peak_tflops(prec.device_name, prec.dtype)
-    del model, optimizer
+    del model, optimizer, forward
     if prec.device.type == "cuda":
         torch.cuda.empty_cache()
+    return times[warmup:], peak_mb, kind, summary
+
+
+def summarise(name: str, cfg, prec, batch_size: int, timed: list, peak_mb: float, kind: str, summary: dict) -> dict:
+    step_s = statistics.median(timed)
+    tps = batch_size * cfg.context_length / step_s
+    achieved = summary["flops_per_token"] * tps
+    peak = peak_tflops(prec.device_name, prec.dtype)
     return {"model": name, "batch_size": batch_size, "context_length": cfg.context_length,
-            "step_time_s": step_s, "step_time_min_s": min(timed), "tokens_per_s": tps,
+            "step_time_s": step_s, "step_time_mean_s": statistics.fmean(timed), "step_time_min_s": min(timed),
+            "timed_steps": len(timed), "tokens_per_s": tps,
             "peak_memory_mb": peak_mb, "peak_memory_kind": kind,
             "achieved_tflops": achieved / 1e12, "mfu": achieved / (peak * 1e12) if peak else None,
             "peak_tflops": peak, **summary}
+
+
+def bench_batch(models: list, cfg, prec, batch_size: int, steps: int, warmup: int, rounds: int) -> list[dict]:
+    """Every model at one batch size, `rounds` times in alternating order; one result per model."""
+    timed = {name: [] for name in models}
+    peaks = {name: 0.0 for name in models}
+    kinds, summaries = {}, {}
+    for r in range(rounds):
+        for name in (models if r % 2 == 0 else models[::-1]):
+            t, peak_mb, kinds[name], summaries[name] = time_steps(name, cfg, prec, batch_size, steps, warmup)
+            timed[name] += t
+            peaks[name] = max(peaks[name], peak_mb)
+    return [summarise(n, cfg, prec, batch_size, timed[n], peaks[n], kinds[n], summaries[n]) for n in models]
 
 
 def main(argv=None) -> int:
@@ -96,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, nargs="+", default=None, help="one or more (default: preset's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each model this many times, in alternating order (use 3+ on a noisy CPU)")
     p.add_argument("--models", nargs="+", default=["gpt2", "moe_gqa"])
     p.add_argument("--compile", action="store_true", help="torch.compile (CUDA only)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, overriding the table")
@@ -113,14 +138,14 @@ def main(argv=None) -> int:
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     results = []
     for bs in args.batch_size or [cfg.batch_size]:
-        for name in args.models:
-            r = bench_one(name, cfg, prec, bs, args.steps, args.warmup)
+        for r in bench_batch(args.models, cfg, prec, bs, args.steps, args.warmup, args.rounds):
+            name = r["model"]
             if args.peak_tflops:
                 r["peak_tflops"], r["mfu"] = args.peak_tflops, r["achieved_tflops"] / args.peak_tflops
             results.append(r)
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             print(f"{name:>8} batch {bs:>4}x{cfg.context_length}: {r['tokens_per_s']:>11,.0f} tokens/s | step "
-                  f"{1000 * r['step_time_s']:8.1f} ms | peak {r['peak_memory_mb']:8,.0f} MB | "
+                  f"{1000 * r['step_time_s']:8.1f} ms (median of {r['timed_steps']}) | peak {r['peak_memory_mb']:8,.0f} MB | "
                   f"{r['achieved_tflops']:7.2f} TFLOP/s | MFU {mfu}", flush=True)
     ratios = {}
     for bs in args.batch_size or [cfg.batch_size]:
@@ -131,7 +156,7 @@ def main(argv=None) -> int:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": prec.device_name, "dtype": prec.dtype, "torch": torch.__version__,
-                               "preset": args.preset, "threads": torch.get_num_threads(),
+                               "preset": args.preset, "threads": torch.get_num_threads(), "rounds": args.rounds,
                                "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                                "results": results, "moe_over_gpt2": ratios}, indent=1))
     print(f"written: {out}")

@@ -18,13 +18,15 @@ def load(script):
 def test_throughput_benchmark_reports_both_models(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert load("train_throughput").main(["--preset", "smoke", "--device", "cpu", "--steps", "2", "--warmup", "1",
-                                          "--batch-size", "2", "4", "--peak-tflops", "1.0",
+                                          "--batch-size", "2", "4", "--rounds", "2", "--peak-tflops", "1.0",
                                           "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [(r["model"], r["batch_size"]) for r in data["results"]] == [
         ("gpt2", 2), ("moe_gqa", 2), ("gpt2", 4), ("moe_gqa", 4)]
     for r in data["results"]:
         assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["peak_memory_mb"] > 0
+        assert r["timed_steps"] == 4                           # 2 steps in each of 2 rounds, pooled
+        assert r["step_time_min_s"] <= r["step_time_s"] and r["tokens_per_s"] == r["batch_size"] * 32 / r["step_time_s"]
         assert r["achieved_tflops"] == r["flops_per_token"] * r["tokens_per_s"] / 1e12
         assert r["mfu"] == r["achieved_tflops"] / 1.0
     assert set(data["moe_over_gpt2"]) == {"2", "4"}
@@ -55,3 +57,22 @@ def test_gpu_check_prepares_what_travels(tiny_corpus, tmp_path):
     assert (tmp_path / "carry" / "run" / "data" / "meta.json").exists()
     assert len(list((tmp_path / "carry" / "tiktoken_cache").iterdir())) == 1
     assert subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True).returncode == 2
+
+
+def test_rounds_alternate_the_order_and_pool_the_steps(monkeypatch, smoke_cfg):
+    bench = load("train_throughput")
+    calls = []
+
+    def fake_time_steps(name, cfg, prec, batch_size, steps, warmup):
+        calls.append(name)
+        t = 1.0 if name == "gpt2" else 2.0
+        return [t + 0.1 * len(calls)] * steps, 10.0 * len(calls), "fake_mb", {"flops_per_token": 1}
+
+    monkeypatch.setattr(bench, "time_steps", fake_time_steps)
+    prec = bench.resolve_precision("float32", bench.resolve_device("cpu"))
+    res = bench.bench_batch(["gpt2", "moe_gqa"], smoke_cfg, prec, 2, steps=3, warmup=0, rounds=3)
+    assert calls == ["gpt2", "moe_gqa", "moe_gqa", "gpt2", "gpt2", "moe_gqa"]
+    gpt2, moe = res
+    assert gpt2["timed_steps"] == moe["timed_steps"] == 9
+    assert gpt2["step_time_s"] == 1.4 and moe["step_time_s"] == 2.3     # medians of the pooled rounds
+    assert gpt2["peak_memory_mb"] == 50.0 and moe["peak_memory_mb"] == 60.0
