@@ -61,7 +61,7 @@ def time_steps(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) -
     torch.manual_seed(0)
     model = build_model(name, cfg).to(prec.device)
     summary = model_summary(model)
-    optimizer = make_optimizer(model, cfg, prec.device)
+    optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler)
     forward = maybe_compile(model, cfg.compile, prec.device)
     gen = torch.Generator().manual_seed(0)
@@ -101,13 +101,18 @@ def summarise(name: str, cfg, prec, batch_size: int, timed: list, peak_mb: float
 def bench_batch(models: list, cfg, prec, batch_size: int, steps: int, warmup: int, rounds: int) -> list[dict]:
     """Every model at one batch size, `rounds` times in alternating order; one result per model."""
     timed = {name: [] for name in models}
-    peaks = {name: 0.0 for name in models}
+    # The lowest of the rounds' peaks: on a CPU the process's RSS in a later round also holds heap
+    # that an earlier model left mapped (GLIBC_TUNABLES keeps it); on a GPU the rounds agree.
+    peaks = {name: float("inf") for name in models}
     kinds, summaries = {}, {}
     for r in range(rounds):
         for name in (models if r % 2 == 0 else models[::-1]):
             t, peak_mb, kinds[name], summaries[name] = time_steps(name, cfg, prec, batch_size, steps, warmup)
             timed[name] += t
-            peaks[name] = max(peaks[name], peak_mb)
+            if rounds > 1:
+                print(f"  round {r + 1}/{rounds} {name:>8}: median step {1000 * statistics.median(t):.1f} ms",
+                      flush=True)
+            peaks[name] = min(peaks[name], peak_mb)
     return [summarise(n, cfg, prec, batch_size, timed[n], peaks[n], kinds[n], summaries[n]) for n in models]
 
 
