@@ -5,6 +5,48 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# torch >= 2.8 has a grouped matrix product: one call runs every expert on its own slice of rows,
+# the slices given by offsets that stay on the device.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM_WORKS: dict = {}
+
+
+def _constant_under_compile(fn):
+    # torch.compile runs it while tracing and keeps the answer, instead of tracing the probe.
+    assume = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return assume(fn) if assume else fn
+
+
+@_constant_under_compile
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the grouped product runs, forward and backward, for `dtype` on `device`.
+
+    Support depends on the torch build, the GPU (CUDA needs bf16 on compute capability >= 8.0 in
+    the builds we know) and the dtype, so instead of a table it is tried once, on a tiny problem
+    with an empty group, against per-group products.
+    """
+    key = (str(device), dtype)
+    if key not in _GROUPED_MM_WORKS:
+        _GROUPED_MM_WORKS[key] = _GROUPED_MM is not None and _grouped_mm_matches_loop(device, dtype)
+    return _GROUPED_MM_WORKS[key]
+
+
+def _grouped_mm_matches_loop(device: torch.device, dtype: torch.dtype) -> bool:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 16, generator=g).to(device, dtype).requires_grad_()
+    w = torch.randn(3, 16, 8, generator=g).to(device, dtype).requires_grad_()
+    offs = torch.tensor([8, 8, 24], dtype=torch.int32, device=device)
+    try:
+        y = _GROUPED_MM(x, w, offs=offs)
+        grad_x, grad_w = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    except (RuntimeError, TypeError, NotImplementedError, ValueError):
+        return False
+    ref = torch.cat([x[:8] @ w[0], x[8:] @ w[2]])
+    ref_x, ref_w = torch.autograd.grad(ref, (x, w), torch.ones_like(ref))
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    return all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+               for a, b in ((y, ref), (grad_x, ref_x), (grad_w, ref_w)))
+
 
 class MoEFeedForward(nn.Module):
     """A router picks `top_k` of `num_experts` SwiGLU experts per token; outputs are mixed by weight.
@@ -12,6 +54,9 @@ class MoEFeedForward(nn.Module):
     Routing runs in fp32 even under autocast: in bf16, near-tied top-2 scores flip and change the
     output. Dispatch sorts the (token, expert) assignments by expert so that each expert runs one
     matrix product over exactly its own tokens; no expert ever sees a token it was not chosen for.
+    Where this torch and device have a grouped product (see `grouped_mm_supported`), all experts
+    run in one call per weight and nothing is read back to the host, so a GPU never waits and
+    torch.compile sees one graph; elsewhere a loop over experts reads the segment sizes once.
 
     After each forward, `aux_loss` holds the Switch/GShard load-balancing loss
     (num_experts * sum_e fraction_of_assignments_e * mean_router_prob_e; 1.0 when balanced) and
@@ -52,10 +97,44 @@ class MoEFeedForward(nn.Module):
         probs, experts, weights = self.route(flat)
 
         assignments = experts.flatten()                       # (N*k,) expert of each assignment
-        counts = torch.bincount(assignments, minlength=self.num_experts)
+        # scatter_add_, not bincount: on a GPU bincount reads its maximum back to the host.
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device)
+        counts.scatter_add_(0, assignments, torch.ones_like(assignments))
         order = assignments.argsort(stable=True)              # assignments grouped by expert
         token_of = order // self.top_k
         rows = flat[token_of]
+        if self._grouped(rows):
+            expert_out = self._experts_grouped(rows, counts)
+        else:
+            expert_out = self._experts_loop(rows, counts)
+        mixed = expert_out * weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token_of, mixed.to(flat.dtype))
+
+        fraction = counts.float() / assignments.numel()
+        self.aux_loss = self.num_experts * (fraction * probs.mean(dim=0)).sum()
+        self.expert_counts = counts.detach()
+        return out.view(shape)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """What autocast would multiply in; the grouped product is cast by hand, not by autocast."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def _grouped(self, rows: torch.Tensor) -> bool:
+        dtype = self._compute_dtype(rows)
+        aligned = all(n * dtype.itemsize % 16 == 0 for n in self.w_down.shape[1:])   # kernels' stride rule
+        return aligned and grouped_mm_supported(rows.device, dtype)
+
+    def _experts_grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        dtype = self._compute_dtype(rows)
+        offs = counts.cumsum(0).to(torch.int32)
+        rows = rows.to(dtype)
+        w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        hidden = F.silu(_GROUPED_MM(rows, w_gate, offs=offs)) * _GROUPED_MM(rows, w_up, offs=offs)
+        return _GROUPED_MM(hidden, w_down, offs=offs)
+
+    def _experts_loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # unbind, not w[e]: the backward of E slices would zero-fill and add E full-size gradients.
         experts_w = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0))
         outs, start = [], 0
@@ -63,10 +142,4 @@ class MoEFeedForward(nn.Module):
             if n:
                 outs.append(self.swiglu(rows[start:start + n], w_gate, w_up, w_down))
                 start += n
-        mixed = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(outs[0].dtype)
-        out = torch.zeros_like(flat).index_add_(0, token_of, mixed.to(flat.dtype))
-
-        fraction = counts.float() / assignments.numel()
-        self.aux_loss = self.num_experts * (fraction * probs.mean(dim=0)).sum()
-        self.expert_counts = counts.detach()
-        return out.view(shape)
+        return torch.cat(outs)
