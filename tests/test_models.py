@@ -37,9 +37,11 @@ def test_shapes_and_initial_loss(name):
         assert model(x, y).loss.item() == pytest.approx(out.loss.item(), abs=1e-5)
 
 
-def test_fused_head_and_loss_equal_plain_cross_entropy(monkeypatch):
+@pytest.mark.parametrize("vocab_block", [30, 100])
+def test_fused_head_and_loss_equal_plain_cross_entropy(monkeypatch, vocab_block):
     from llm_nb_utils import loss as loss_mod
     monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", 7 * 100)     # 7 rows a chunk: several chunks
+    monkeypatch.setattr(loss_mod, "_CPU_VOCAB_BLOCK", vocab_block)   # 30: slices of 30, 30, 30, 10
     torch.manual_seed(0)
     h = torch.randn(30, 16, requires_grad=True)
     w = torch.randn(100, 16, requires_grad=True)
