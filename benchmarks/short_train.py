@@ -43,9 +43,9 @@ def main(argv=None) -> int:
                                          "total_params", "active_params")}
         rows[name]["final_val_loss"] = m["history"][-1]["val_loss"] if m["history"] else None
         rows[name]["first_val_loss"] = m["history"][0]["val_loss"] if m["history"] else None
+        if args.json:   # after each model: a run cut short by a time limit keeps what it finished
+            Path(args.json).write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

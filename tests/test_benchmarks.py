@@ -49,14 +49,27 @@ def test_short_train_runs_both_models(prepared_run, tmp_path):
     assert set(rows) == {"gpt2", "moe_gqa"} and all(r["steps"] == 3 for r in rows.values())
 
 
-def test_gpu_check_prepares_what_travels(tiny_corpus, tmp_path):
-    env = {**os.environ, "CARRY": str(tmp_path / "carry"), "CORPUS_DIR": str(tiny_corpus), "PYTHON": sys.executable}
-    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "prepare"], env=env,
-                       capture_output=True, text=True, timeout=120)
+def test_gpu_check_prepares_what_travels_and_runs(tiny_corpus, tmp_path):
+    """`prepare`, then `run` itself on this CPU at the smoke preset: a GPU loan is short, and a script
+    that broke since the last one would waste it."""
+    carry, out = tmp_path / "carry", tmp_path / "out"
+    env = {**os.environ, "CARRY": str(carry), "CORPUS_DIR": str(tiny_corpus), "PYTHON": sys.executable}
+    script = str(REPO / "benchmarks" / "gpu_check.sh")
+    r = subprocess.run(["bash", script, "prepare"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "carry" / "run" / "data" / "meta.json").exists()
-    assert len(list((tmp_path / "carry" / "tiktoken_cache").iterdir())) == 1
-    assert subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True).returncode == 2
+    assert (carry / "run" / "data" / "meta.json").exists()
+    assert len(list((carry / "tiktoken_cache").iterdir())) == 1
+    env.update(DEVICE="cpu", PRESET="smoke", BATCHES="2 4", STEPS="1", TRAIN_STEPS="2", RUN_DIR=str(tmp_path / "run"))
+    r = subprocess.run(["bash", script, "run", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "gpu_check finished" in r.stdout, r.stdout + r.stderr
+    bench = json.loads((out / "bench.json").read_text())
+    assert [(x["model"], x["batch_size"]) for x in bench["results"]] == [
+        ("gpt2", 2), ("moe_gqa", 2), ("gpt2", 4), ("moe_gqa", 4)]
+    assert [x["batch_size"] for x in json.loads((out / "bench_compile.json").read_text())["results"]] == [2, 2]
+    trained = json.loads((out / "short_train.json").read_text())
+    assert {k: v["steps"] for k, v in trained.items()} == {"gpt2": 2, "moe_gqa": 2}
+    assert len(list(out.iterdir())) <= 8                   # what a device run can bring back
+    assert subprocess.run(["bash", script], capture_output=True).returncode == 2
 
 
 def test_rounds_alternate_the_order_and_pool_the_steps(monkeypatch, smoke_cfg):
