@@ -1,11 +1,12 @@
 """Next-token cross-entropy fused with the LM head, computed a chunk of positions at a time.
 
 With a 50257-token vocabulary the logits of a batch of 8 x 256 are 2048 x 50257: 206 MB in bf16,
-411 MB in fp32, and as much again for their gradient, while half of all the model's FLOPs sit in
-this one product. Here each chunk's logits are formed, turned into the loss and into the gradients
-of the hidden states and of the head (softmax - one-hot), then dropped; backward only scales the
-stored gradients. Same maths as `F.cross_entropy(h @ W.T, targets)`, a fraction of the memory, and
-no separate log-softmax backward pass.
+411 MB in fp32, and as much again for their gradient (or for the log-softmax of an evaluation),
+while half of all the model's FLOPs sit in this one product. Here each chunk's logits are formed,
+turned into the loss and, when training, into the gradients of the hidden states and of the head
+(softmax - one-hot), then dropped; backward only scales the stored gradients. Same maths as
+`F.cross_entropy(h @ W.T, targets)`, a fraction of the memory, and no separate log-softmax
+backward pass.
 
 On a CPU the vocabulary is also cut into slices: on our 2-core machine the product with the whole
 50257-wide head ran at about 110 GFLOP/s in fp32, with 8192-wide slices (each a contiguous tensor)
@@ -19,42 +20,50 @@ _CHUNK_ELEMENTS = 2 ** 26     # logits per chunk of rows (256 MB in fp32)
 _CPU_VOCAB_BLOCK = 8192       # vocabulary slice on a CPU (whole vocabulary on a GPU)
 
 
+def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_grads: bool):
+    """(mean loss, d loss/d h, d loss/d weight); the gradients are None unless `with_grads`."""
+    n, vocab = h.shape[0], weight.shape[0]
+    rows = max(1, _CHUNK_ELEMENTS // vocab)
+    block = _CPU_VOCAB_BLOCK if h.device.type == "cpu" else vocab
+    slices = [(a, min(a + block, vocab)) for a in range(0, vocab, block)]
+    grad_h = torch.empty_like(h) if with_grads else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, n, rows):
+        hc, tc = h[s:s + rows], targets[s:s + rows]
+        logits = [(hc @ weight[a:b].t()).float() for a, b in slices]
+        # The target's logit, picked out of its slice without a host sync (no boolean masks).
+        target_logit = torch.zeros(len(tc), dtype=torch.float32, device=h.device)
+        local = []
+        for (a, b), lg in zip(slices, logits):
+            inside = (tc >= a) & (tc < b)
+            idx = (tc - a).clamp(0, b - a - 1)[:, None]
+            target_logit = torch.where(inside, lg.gather(1, idx).squeeze(1), target_logit)
+            local.append((inside, idx))
+        # Softmax in place, one slice at a time: exp(logit - max) / sum.
+        m = torch.stack([lg.amax(dim=-1) for lg in logits]).amax(dim=0)[:, None]
+        z = sum(lg.sub_(m).exp_().sum(dim=-1, keepdim=True) for lg in logits)
+        total += (m + z.log()).sum() - target_logit.sum()
+        if not with_grads:
+            continue
+        gh = torch.zeros(hc.shape, dtype=torch.float32, device=h.device)
+        for (a, b), lg, (inside, idx) in zip(slices, logits, local):
+            grad = lg.div_(z).scatter_add_(1, idx, -inside[:, None].float())   # softmax - one-hot
+            # The 1/n of the mean is applied after the products, in fp32: under fp16 autocast,
+            # (softmax - one-hot) / n would underflow for most of the vocabulary, and these
+            # gradients are computed here, outside the GradScaler's scaling.
+            gh += (grad @ weight[a:b]).float()
+            grad_w[a:b].add_((grad.t() @ hc).float(), alpha=1 / n)
+        grad_h[s:s + rows] = (gh / n).to(h.dtype)
+    return total / n, grad_h, grad_w
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        n, vocab = h.shape[0], weight.shape[0]
-        rows = max(1, _CHUNK_ELEMENTS // vocab)
-        block = _CPU_VOCAB_BLOCK if h.device.type == "cpu" else vocab
-        slices = [(a, min(a + block, vocab)) for a in range(0, vocab, block)]
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, n, rows):
-            hc, tc = h[s:s + rows], targets[s:s + rows]
-            logits = [(hc @ weight[a:b].t()).float() for a, b in slices]
-            # The target's logit, picked out of its slice without a host sync (no boolean masks).
-            target_logit = torch.zeros(len(tc), dtype=torch.float32, device=h.device)
-            local = []
-            for (a, b), lg in zip(slices, logits):
-                inside = (tc >= a) & (tc < b)
-                idx = (tc - a).clamp(0, b - a - 1)[:, None]
-                target_logit = torch.where(inside, lg.gather(1, idx).squeeze(1), target_logit)
-                local.append((inside, idx))
-            # Softmax in place, one slice at a time: exp(logit - max) / sum.
-            m = torch.stack([lg.amax(dim=-1) for lg in logits]).amax(dim=0)[:, None]
-            z = sum(lg.sub_(m).exp_().sum(dim=-1, keepdim=True) for lg in logits)
-            total += (m + z.log()).sum() - target_logit.sum()
-            gh = torch.zeros(hc.shape, dtype=torch.float32, device=h.device)
-            for (a, b), lg, (inside, idx) in zip(slices, logits, local):
-                grad = lg.div_(z).scatter_add_(1, idx, -inside[:, None].float())   # softmax - one-hot
-                # The 1/n of the mean is applied after the products, in fp32: under fp16 autocast,
-                # (softmax - one-hot) / n would underflow for most of the vocabulary, and these
-                # gradients are computed here, outside the GradScaler's scaling.
-                gh += (grad @ weight[a:b]).float()
-                grad_w[a:b].add_((grad.t() @ hc).float(), alpha=1 / n)
-            grad_h[s:s + rows] = (gh / n).to(h.dtype)
+        loss, grad_h, grad_w = _loss_and_grads(h, weight, targets, with_grads=True)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return total / n
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -63,5 +72,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """mean over rows of cross_entropy(h @ weight.T, targets); h (N, D), weight (V, D), targets (N,)."""
-    return _LinearCrossEntropy.apply(h, weight, targets)
+    """mean over rows of cross_entropy(h @ weight.T, targets); h (N, D), weight (V, D), targets (N,).
+
+    Without gradients (evaluation) only the loss is computed, chunk by chunk as in training."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, targets)
+    return _loss_and_grads(h, weight, targets, with_grads=False)[0]

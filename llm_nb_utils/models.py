@@ -7,8 +7,8 @@
 
 Both return an `LMOutput`: logits, the mean next-token loss when targets are given, and the
 auxiliary load-balancing loss (zero for GPT-2) kept apart so training can log it and add it.
-When targets are given with gradients enabled (training), the loss is fused with the LM head and
-`logits` is None: the 2048 x 50257 logits of a batch are never materialised.
+When targets are given (training and evaluation), the loss is fused with the LM head and `logits`
+is None: the 2048 x 50257 logits of a batch are never materialised.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import GroupedQueryAttention, MultiHeadAttention
 from .config import Config
@@ -48,16 +47,11 @@ class _LanguageModel(nn.Module):
 
     def _output(self, h: torch.Tensor, targets: torch.Tensor | None, aux: torch.Tensor) -> LMOutput:
         h = self.final_norm(h)
-        if targets is not None and torch.is_grad_enabled():
-            # Training: the head and the loss fused chunk by chunk; the full logits never exist.
+        if targets is not None:
+            # The head and an fp32 loss fused chunk by chunk; the full logits never exist.
             loss = linear_cross_entropy(h.flatten(0, 1), self.out_head.weight, targets.flatten())
             return LMOutput(None, loss, aux)
-        logits = self.out_head(h)
-        loss = None
-        if targets is not None:
-            # fp32 cross-entropy: bf16/fp16 log-softmax over 50k classes loses precision.
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return LMOutput(logits, loss, aux)
+        return LMOutput(self.out_head(h), None, aux)
 
     def _check_length(self, idx: torch.Tensor, cache: KVCache | None):
         total = idx.shape[1] + (cache.length() if cache is not None else 0)

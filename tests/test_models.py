@@ -30,10 +30,12 @@ def test_shapes_and_initial_loss(name):
     y = torch.randint(0, cfg.vocab_size, (3, cfg.context_length))
     assert model(x).logits.shape == (3, cfg.context_length, cfg.vocab_size)
     out = model(x, y)
-    assert out.logits is None            # training: loss fused with the head, no full logits
+    assert out.logits is None            # loss fused with the head, no full logits
     assert abs(out.loss.item() - math.log(cfg.vocab_size)) < 0.1
     assert out.aux_loss.shape == ()
-    with torch.no_grad():
+    with torch.no_grad():                # evaluation: the fused loss without its gradients
+        plain = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+        assert model(x, y).loss.item() == pytest.approx(plain.item(), abs=1e-5)
         assert model(x, y).loss.item() == pytest.approx(out.loss.item(), abs=1e-5)
 
 
@@ -53,6 +55,8 @@ def test_fused_head_and_loss_equal_plain_cross_entropy(monkeypatch, vocab_block)
     assert fused.item() == pytest.approx(plain.item(), abs=1e-6)
     for a, b in zip(g_fused, g_plain):
         assert torch.allclose(a, b, atol=1e-6)
+    with torch.no_grad():                                          # the evaluation path
+        assert loss_mod.linear_cross_entropy(h, w, t).item() == pytest.approx(plain.item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)
