@@ -187,6 +187,9 @@ def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monke
     def wrong(x, w, offs):
         return torch.zeros(x.shape[0], w.shape[-1], dtype=x.dtype, requires_grad=True)
 
+    moe_mod._GROUPED_MM_WORKS.clear()
+    with torch.no_grad():                                      # first use in evaluation
+        assert moe._grouped(rows) == (moe_mod._GROUPED_MM is not None)
     for fake in (broken, wrong):
         monkeypatch.setattr(moe_mod, "_GROUPED_MM", fake)
         monkeypatch.setattr(moe_mod, "_GROUPED_MM_WORKS", {})
