@@ -31,13 +31,10 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_WORKS[key]
 
 
+# The first MoE forward may come under no_grad (evaluation, generation): the probe needs autograd.
+@torch.inference_mode(False)
+@torch.enable_grad()
 def _grouped_mm_matches_loop(device: torch.device, dtype: torch.dtype) -> bool:
-    # The first MoE forward may come under no_grad (evaluation, generation): the probe needs autograd.
-    with torch.inference_mode(False), torch.enable_grad():
-        return _try_grouped_mm(device, dtype)
-
-
-def _try_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, 16, generator=g).to(device, dtype).requires_grad_()
     w = torch.randn(3, 16, 8, generator=g).to(device, dtype).requires_grad_()
