@@ -1,6 +1,8 @@
 """Mixture-of-Experts feed-forward (Qwen3-MoE style): top-k routing over SwiGLU experts."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -91,8 +93,9 @@ class MoEFeedForward(nn.Module):
         return probs, experts, weights / weights.sum(dim=-1, keepdim=True)
 
     @staticmethod
-    def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+               matmul=torch.matmul) -> torch.Tensor:
+        return matmul(F.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -106,8 +109,9 @@ class MoEFeedForward(nn.Module):
         order = assignments.argsort(stable=True)              # assignments grouped by expert
         token_of = order // self.top_k
         rows = flat[token_of]
-        if self._grouped(rows):
-            expert_out = self._experts_grouped(rows, counts)
+        dtype = self._compute_dtype(rows)
+        if self._grouped(rows.device, dtype):
+            expert_out = self._experts_grouped(rows, counts, dtype)
         else:
             expert_out = self._experts_loop(rows, counts)
         mixed = expert_out * weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
@@ -124,18 +128,14 @@ class MoEFeedForward(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def _grouped(self, rows: torch.Tensor) -> bool:
-        dtype = self._compute_dtype(rows)
+    def _grouped(self, device: torch.device, dtype: torch.dtype) -> bool:
         aligned = all(n * dtype.itemsize % 16 == 0 for n in self.w_down.shape[1:])   # kernels' stride rule
-        return aligned and grouped_mm_supported(rows.device, dtype)
+        return aligned and grouped_mm_supported(device, dtype)
 
-    def _experts_grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = self._compute_dtype(rows)
-        offs = counts.cumsum(0).to(torch.int32)
-        rows = rows.to(dtype)
-        w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        hidden = F.silu(_GROUPED_MM(rows, w_gate, offs=offs)) * _GROUPED_MM(rows, w_up, offs=offs)
-        return _GROUPED_MM(hidden, w_down, offs=offs)
+    def _experts_grouped(self, rows: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        matmul = partial(_GROUPED_MM, offs=counts.cumsum(0).to(torch.int32))
+        return self.swiglu(rows.to(dtype), *(w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down)),
+                           matmul=matmul)
 
     def _experts_loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # unbind, not w[e]: the backward of E slices would zero-fill and add E full-size gradients.

@@ -162,11 +162,10 @@ def test_moe_fast_paths_equal_reference_outputs_and_gradients(dims, path, monkey
     moe = MoEFeedForward(*dims, num_experts=4, top_k=2)
     torch.nn.init.normal_(moe.router.weight, std=0.5)
     x = torch.randn(3, 7, dims[0], requires_grad=True)
-    rows = x.reshape(-1, dims[0])
     if path == "auto":
-        assert not moe._grouped(rows)
+        assert not moe._grouped(x.device, x.dtype)
     else:
-        monkeypatch.setattr(MoEFeedForward, "_grouped", lambda self, rows: path == "grouped")
+        monkeypatch.setattr(MoEFeedForward, "_grouped", lambda *_: path == "grouped")
     fast = moe(x)
     grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, moe.w_gate, moe.w_up, moe.w_down, moe.router.weight])
     ref = reference_moe(moe, x)
@@ -178,8 +177,8 @@ def test_moe_fast_paths_equal_reference_outputs_and_gradients(dims, path, monkey
 
 def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monkeypatch):
     moe = MoEFeedForward(16, 32, num_experts=4, top_k=2)
-    rows = torch.randn(10, 16)
-    assert moe._grouped(rows) == (moe_mod._GROUPED_MM is not None)    # this torch's CPU build has one
+    cpu = torch.device("cpu")
+    assert moe._grouped(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)    # this torch's CPU build has one
 
     def broken(*a, **k):
         raise RuntimeError("no kernel for this device")
@@ -189,11 +188,11 @@ def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monke
 
     moe_mod._GROUPED_MM_WORKS.clear()
     with torch.no_grad():                                      # first use in evaluation
-        assert moe._grouped(rows) == (moe_mod._GROUPED_MM is not None)
+        assert moe._grouped(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)
     for fake in (broken, wrong):
         monkeypatch.setattr(moe_mod, "_GROUPED_MM", fake)
         monkeypatch.setattr(moe_mod, "_GROUPED_MM_WORKS", {})
-        assert not moe._grouped(rows)
+        assert not moe._grouped(cpu, torch.float32)
         x = torch.randn(2, 5, 16)
         assert torch.allclose(moe(x), reference_moe(moe, x), atol=1e-5)     # the loop serves instead
 
@@ -213,7 +212,7 @@ def test_moe_model_traces_as_one_graph_with_the_grouped_product():
         assert moe_mod._GROUPED_MM_WORKS == {("cpu", torch.bfloat16): True}
         dynamo.reset()
         for block in model.blocks:
-            block.moe._grouped = lambda rows: False
+            block.moe._grouped = lambda *_: False
         assert dynamo.explain(model)(idx).graph_break_count > 0
     dynamo.reset()
 
