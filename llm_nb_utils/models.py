@@ -28,7 +28,7 @@ MODEL_NAMES = ("gpt2", "moe_gqa")
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
 
