@@ -198,22 +198,24 @@ def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monke
 
 
 @pytest.mark.skipif(moe_mod._GROUPED_MM is None, reason="this torch has no grouped matrix product")
-def test_moe_model_traces_as_one_graph_with_the_grouped_product():
-    """No host sync in the MoE forward: torch.compile (dynamo) sees the whole model as one graph, under
-    bf16 autocast as on a GPU, the support probe included (it has not run yet in this process for bf16).
-    The loop over experts reads the segment sizes on the host, which dynamo must break on."""
+def test_training_forward_traces_as_one_graph():
+    """No host sync in the training forward (model, MoE dispatch, fused loss): torch.compile (dynamo)
+    sees each model as one graph, under bf16 autocast as on a GPU, the MoE's support probe included
+    (it has not run yet in this process for bf16). The loop over experts reads the segment sizes on
+    the host, which dynamo must break on."""
     import torch._dynamo as dynamo
-    model = build_model("moe_gqa", tiny())
-    idx = torch.randint(0, 100, (2, 16))
+    idx, targets = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    models = {name: build_model(name, tiny()) for name in NAMES}
     moe_mod._GROUPED_MM_WORKS.clear()
-    dynamo.reset()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert dynamo.explain(model)(idx).graph_break_count == 0
+        for name, model in models.items():
+            dynamo.reset()
+            assert dynamo.explain(model)(idx, targets).graph_break_count == 0, name
         assert moe_mod._GROUPED_MM_WORKS == {("cpu", torch.bfloat16): True}
         dynamo.reset()
-        for block in model.blocks:
+        for block in models["moe_gqa"].blocks:
             block.moe._grouped = lambda *_: False
-        assert dynamo.explain(model)(idx).graph_break_count > 0
+        assert dynamo.explain(models["moe_gqa"])(idx, targets).graph_break_count > 0
     dynamo.reset()
 
 
