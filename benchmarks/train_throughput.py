@@ -79,6 +79,9 @@ def time_steps(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) -
         synchronize(prec.device)
         times.append(time.perf_counter() - t0)
     peak_mb, kind = peak_memory(prec.device)
+    if name == "moe_gqa":   # which expert dispatch ran: one grouped product, or a loop over experts
+        grouped = model.blocks[0].moe.uses_grouped_mm(prec.device, prec.autocast_dtype or torch.float32)
+        summary = {**summary, "moe_dispatch": "grouped" if grouped else "loop"}
     del model, optimizer, forward
     if prec.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -151,7 +154,8 @@ def main(argv=None) -> int:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             print(f"{name:>8} batch {bs:>4}x{cfg.context_length}: {r['tokens_per_s']:>11,.0f} tokens/s | step "
                   f"{1000 * r['step_time_s']:8.1f} ms (median of {r['timed_steps']}) | peak {r['peak_memory_mb']:8,.0f} MB | "
-                  f"{r['achieved_tflops']:7.2f} TFLOP/s | MFU {mfu}", flush=True)
+                  f"{r['achieved_tflops']:7.2f} TFLOP/s | MFU {mfu}"
+                  + (f" | experts: {r['moe_dispatch']}" if "moe_dispatch" in r else ""), flush=True)
     ratios = {}
     for bs in args.batch_size or [cfg.batch_size]:
         by = {r["model"]: r for r in results if r["batch_size"] == bs}

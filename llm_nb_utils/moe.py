@@ -110,7 +110,7 @@ class MoEFeedForward(nn.Module):
         token_of = order // self.top_k
         rows = flat[token_of]
         dtype = self._compute_dtype(rows)
-        if self._grouped(rows.device, dtype):
+        if self.uses_grouped_mm(rows.device, dtype):
             expert_out = self._experts_grouped(rows, counts, dtype)
         else:
             expert_out = self._experts_loop(rows, counts)
@@ -128,7 +128,8 @@ class MoEFeedForward(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def _grouped(self, device: torch.device, dtype: torch.dtype) -> bool:
+    def uses_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether a forward on `device`, multiplying in `dtype`, runs the experts as one grouped product."""
         aligned = all(n * dtype.itemsize % 16 == 0 for n in self.w_down.shape[1:])   # kernels' stride rule
         return aligned and grouped_mm_supported(device, dtype)
 

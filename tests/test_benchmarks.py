@@ -30,6 +30,8 @@ def test_throughput_benchmark_reports_both_models(tmp_path, capsys):
         assert r["achieved_tflops"] == r["flops_per_token"] * r["tokens_per_s"] / 1e12
         assert r["mfu"] == r["achieved_tflops"] / 1.0
     assert set(data["moe_over_gpt2"]) == {"2", "4"}
+    from llm_nb_utils import moe
+    assert {r.get("moe_dispatch") for r in data["results"]} == {None, "grouped" if moe._GROUPED_MM else "loop"}
     assert "MoE-GQA / GPT-2 throughput at batch 2" in capsys.readouterr().out
 
 

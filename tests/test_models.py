@@ -163,9 +163,9 @@ def test_moe_fast_paths_equal_reference_outputs_and_gradients(dims, path, monkey
     torch.nn.init.normal_(moe.router.weight, std=0.5)
     x = torch.randn(3, 7, dims[0], requires_grad=True)
     if path == "auto":
-        assert not moe._grouped(x.device, x.dtype)
+        assert not moe.uses_grouped_mm(x.device, x.dtype)
     else:
-        monkeypatch.setattr(MoEFeedForward, "_grouped", lambda *_: path == "grouped")
+        monkeypatch.setattr(MoEFeedForward, "uses_grouped_mm", lambda *_: path == "grouped")
     fast = moe(x)
     grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, moe.w_gate, moe.w_up, moe.w_down, moe.router.weight])
     ref = reference_moe(moe, x)
@@ -178,7 +178,7 @@ def test_moe_fast_paths_equal_reference_outputs_and_gradients(dims, path, monkey
 def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monkeypatch):
     moe = MoEFeedForward(16, 32, num_experts=4, top_k=2)
     cpu = torch.device("cpu")
-    assert moe._grouped(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)    # this torch's CPU build has one
+    assert moe.uses_grouped_mm(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)    # this torch's CPU build has one
 
     def broken(*a, **k):
         raise RuntimeError("no kernel for this device")
@@ -188,11 +188,11 @@ def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monke
 
     moe_mod._GROUPED_MM_WORKS.clear()
     with torch.no_grad():                                      # first use in evaluation
-        assert moe._grouped(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)
+        assert moe.uses_grouped_mm(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)
     for fake in (broken, wrong):
         monkeypatch.setattr(moe_mod, "_GROUPED_MM", fake)
         monkeypatch.setattr(moe_mod, "_GROUPED_MM_WORKS", {})
-        assert not moe._grouped(cpu, torch.float32)
+        assert not moe.uses_grouped_mm(cpu, torch.float32)
         x = torch.randn(2, 5, 16)
         assert torch.allclose(moe(x), reference_moe(moe, x), atol=1e-5)     # the loop serves instead
 
@@ -214,7 +214,7 @@ def test_training_forward_traces_as_one_graph():
         assert moe_mod._GROUPED_MM_WORKS == {("cpu", torch.bfloat16): True}
         dynamo.reset()
         for block in models["moe_gqa"].blocks:
-            block.moe._grouped = lambda *_: False
+            block.moe.uses_grouped_mm = lambda *_: False
         assert dynamo.explain(models["moe_gqa"])(idx, targets).graph_break_count > 0
     dynamo.reset()
 
