@@ -183,8 +183,8 @@ def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monke
     def broken(*a, **k):
         raise RuntimeError("no kernel for this device")
 
-    def wrong(x, w, offs):
-        return torch.zeros(x.shape[0], w.shape[-1], dtype=x.dtype, requires_grad=True)
+    def wrong(x, w, offs):          # runs and differentiates, but gives every row to group 0
+        return x @ w[0]
 
     moe_mod._GROUPED_MM_WORKS.clear()
     with torch.no_grad():                                      # first use in evaluation
