@@ -10,8 +10,8 @@
 #   1. the side-by-side benchmark at the paper preset, batch 8 and 64 (eager);
 #   2. the same at batch 8 with torch.compile, to see whether compile helps there;
 #   3. time permitting, a short real training run of each model at the paper preset on that data.
-# DEVICE, PRESET, BATCHES, STEPS and TRAIN_STEPS change what it runs (the tests run it on a CPU
-# at the smoke preset, so that it cannot rot between loans).
+# DEVICE, PRESET, BATCHES, STEPS, TRAIN_STEPS, BUDGET (seconds) and RUN_DIR change what it runs
+# (the tests run it on a CPU at the smoke preset, so that it cannot rot between loans).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${CARRY:-.carry}

@@ -80,7 +80,8 @@ def time_steps(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) -
         times.append(time.perf_counter() - t0)
     peak_mb, kind = peak_memory(prec.device)
     if name == "moe_gqa":   # which expert dispatch ran: one grouped product, or a loop over experts
-        grouped = model.blocks[0].moe.uses_grouped_mm(prec.device, prec.autocast_dtype or torch.float32)
+        moe = model.blocks[0].moe    # asked as the forward asks: its weights' device, the multiply dtype
+        grouped = moe.uses_grouped_mm(moe.w_up.device, prec.autocast_dtype or moe.w_up.dtype)
         summary = {**summary, "moe_dispatch": "grouped" if grouped else "loop"}
     del model, optimizer, forward
     if prec.device.type == "cuda":
