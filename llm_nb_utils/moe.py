@@ -60,8 +60,9 @@ class MoEFeedForward(nn.Module):
     output. Dispatch sorts the (token, expert) assignments by expert so that each expert runs one
     matrix product over exactly its own tokens; no expert ever sees a token it was not chosen for.
     Where this torch and device have a grouped product (see `grouped_mm_supported`), all experts
-    run in one call per weight and nothing is read back to the host, so a GPU never waits and
-    torch.compile sees one graph; elsewhere a loop over experts reads the segment sizes once.
+    run in one call per weight and nothing is read back to the host, so the host never waits for
+    the GPU and torch.compile sees one graph; elsewhere a loop over experts reads the segment sizes
+    once.
 
     After each forward, `aux_loss` holds the Switch/GShard load-balancing loss
     (num_experts * sum_e fraction_of_assignments_e * mean_router_prob_e; 1.0 when balanced) and
