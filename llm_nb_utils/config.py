@@ -64,7 +64,7 @@ class Config:
     beta2: float = 0.95
     grad_clip: float = 1.0            # 0 disables clipping
     dtype: str = "bfloat16"           # requested; the device decides what actually runs
-    force_dtype: bool = False         # insist on `dtype` even where it is emulated (CPU bf16)
+    force_dtype: bool = False         # insist on `dtype` even where it is emulated (CPU bf16 or fp16)
     device: str = "cuda"              # "cuda", "cpu" or "auto"
     compile: bool = False             # torch.compile, where Triton supports the GPU
     eval_freq: int = 100

@@ -81,8 +81,11 @@ def resolve_precision(requested_dtype: str, device: torch.device, force: bool = 
     if requested_dtype == "float32":
         return Precision(device, name, "float32", None, False, "")
     if force:
-        dt = torch.bfloat16 if requested_dtype == "bfloat16" else torch.float16
-        return Precision(device, name, requested_dtype, dt, False, f"{requested_dtype} autocast on CPU (forced)")
+        # fp16 gradients underflow without loss scaling, on a CPU as on a P100: a forced fp16 run
+        # takes the same GradScaler path as a GPU without native bf16.
+        fp16 = requested_dtype == "float16"
+        return Precision(device, name, requested_dtype, torch.float16 if fp16 else torch.bfloat16, fp16,
+                         f"{requested_dtype} autocast on CPU (forced)")
     return Precision(device, name, "float32", None, False,
                      f"{requested_dtype} requested but this is a CPU: training in float32 (low precision "
                      "is emulated and much slower on most CPUs; set force_dtype=True to insist)")
