@@ -6,10 +6,12 @@
 #
 # `prepare` tokenizes the shared corpus into .carry/run/data and copies the tokenizer cache, the
 # two things that do not travel. `run` needs only torch, tiktoken, numpy and pandas (no W&B, no
-# papermill), and writes at most 7 files:
+# papermill), and writes at most 9 files:
 #   1. the side-by-side benchmark at the paper preset, batch 8 and 64 (eager);
-#   2. the same at batch 8 with torch.compile, to see whether compile helps there;
-#   3. time permitting, a short real training run of each model at the paper preset on that data.
+#   2. the LM head + loss alone, for each way of cutting the vocabulary (whole, 64-aligned + tail,
+#      slices) against the unfused loss: whether the GPU default (whole) should change;
+#   3. the benchmark at batch 8 with torch.compile, to see whether compile helps there;
+#   4. time permitting, a short real training run of each model at the paper preset on that data.
 # DEVICE, PRESET, BATCHES, STEPS, TRAIN_STEPS, BUDGET (seconds) and RUN_DIR change what it runs
 # (the tests run it on a CPU at the smoke preset, so that it cannot rot between loans).
 set -uo pipefail
@@ -43,6 +45,8 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"; } > 
     bench="$PY benchmarks/train_throughput.py --preset $PRESET --device $DEVICE --steps $STEPS --warmup 5"
     # shellcheck disable=SC2086
     timeout 200 $bench --batch-size $BATCHES --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    timeout 60 $PY benchmarks/lm_head_loss.py --preset "$PRESET" --device "$DEVICE" --rounds 3 \
+        --json "$OUT/head_loss.json" 2>&1 | tee "$OUT/head_loss.log"
     if [ "$(left)" -gt 300 ]; then
         timeout 150 $bench --batch-size ${BATCHES%% *} --compile --json "$OUT/bench_compile.json" 2>&1 \
             | tee "$OUT/bench_compile.log"

@@ -8,23 +8,35 @@ turned into the loss and, when training, into the gradients of the hidden states
 `F.cross_entropy(h @ W.T, targets)`, a fraction of the memory, and no separate log-softmax
 backward pass.
 
-On a CPU the vocabulary is also cut into slices: on our 2-core machine the product with the whole
-50257-wide head ran at about 110 GFLOP/s in fp32, with 8192-wide slices (each a contiguous tensor)
-at about 155. A GPU gains nothing from the split and would pay for the extra kernel launches.
+On a CPU the vocabulary is cut in two: the first 50240 rows of the head (a multiple of 64) in one
+product, the last 17 in another. That is what padding the vocabulary to a multiple of 64 would buy
+the large product, without padding anything users see. Measured with `benchmarks/lm_head_loss.py`
+on our 2-core machine (fp32, paper shape, forward + backward, median of 16): 1956 ms aligned,
+2137 ms in 8192-wide slices (the previous choice), 2427 ms for the whole 50257-wide product. A GPU
+takes the whole vocabulary in one product by default, not yet measured against the aligned cut
+(`benchmarks/gpu_check.sh` runs the same comparison there). `vocab_block` overrides either.
 """
 from __future__ import annotations
 
 import torch
 
 _CHUNK_ELEMENTS = 2 ** 26     # logits per chunk of rows (256 MB in fp32)
-_CPU_VOCAB_BLOCK = 8192       # vocabulary slice on a CPU (whole vocabulary on a GPU)
+_CPU_VOCAB_ALIGN = 64         # a CPU multiplies the largest multiple of 64 of the vocabulary at once
 
 
-def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_grads: bool):
+def default_vocab_block(device: torch.device, vocab: int) -> int:
+    """Rows of the head per product: 64-aligned on a CPU (50257 -> 50240 + 17), all on a GPU."""
+    if device.type == "cpu" and vocab > _CPU_VOCAB_ALIGN:
+        return vocab // _CPU_VOCAB_ALIGN * _CPU_VOCAB_ALIGN
+    return vocab
+
+
+def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_grads: bool,
+                    vocab_block: int | None = None):
     """(mean loss, d loss/d h, d loss/d weight); the gradients are None unless `with_grads`."""
     n, vocab = h.shape[0], weight.shape[0]
     rows = max(1, _CHUNK_ELEMENTS // vocab)
-    block = _CPU_VOCAB_BLOCK if h.device.type == "cpu" else vocab
+    block = vocab_block or default_vocab_block(h.device, vocab)
     slices = [(a, min(a + block, vocab)) for a in range(0, vocab, block)]
     grad_h = torch.empty_like(h) if with_grads else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
@@ -60,21 +72,25 @@ def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss, grad_h, grad_w = _loss_and_grads(h, weight, targets, with_grads=True)
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                vocab_block: int | None) -> torch.Tensor:
+        loss, grad_h, grad_w = _loss_and_grads(h, weight, targets, True, vocab_block)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None
+        return grad_h * grad_out, grad_w * grad_out, None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         vocab_block: int | None = None) -> torch.Tensor:
     """mean over rows of cross_entropy(h @ weight.T, targets); h (N, D), weight (V, D), targets (N,).
 
-    Without gradients (evaluation) only the loss is computed, chunk by chunk as in training."""
+    The vocabulary is multiplied `vocab_block` rows of `weight` at a time (default: see
+    `default_vocab_block`). Without gradients (evaluation) only the loss is computed, chunk by chunk
+    as in training."""
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, targets)
-    return _loss_and_grads(h, weight, targets, with_grads=False)[0]
+        return _LinearCrossEntropy.apply(h, weight, targets, vocab_block)
+    return _loss_and_grads(h, weight, targets, False, vocab_block)[0]

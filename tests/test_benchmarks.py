@@ -35,6 +35,19 @@ def test_throughput_benchmark_reports_both_models(tmp_path, capsys):
     assert "MoE-GQA / GPT-2 throughput at batch 2" in capsys.readouterr().out
 
 
+def test_head_loss_benchmark_compares_the_vocabulary_cuts(tmp_path, capsys):
+    out = tmp_path / "head.json"
+    assert load("lm_head_loss").main(["--device", "cpu", "--rows", "24", "--emb-dim", "8", "--vocab", "200",
+                                      "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["block"] for r in data["results"]] == [200, 192, None]     # whole, 64-aligned + tail, unfused
+    assert data["default_block"] == 192
+    for r in data["results"]:
+        assert r["step_time_s"] > 0 and r["tflops"] == 6 * 24 * 8 * 200 / r["step_time_s"] / 1e12
+        assert abs(r["loss_minus_reference"]) < 1e-5            # every cut computes the same loss
+    assert "<- default" in capsys.readouterr().out
+
+
 def test_peak_table_lookup():
     bench = load("train_throughput")
     assert bench.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
@@ -68,9 +81,11 @@ def test_gpu_check_prepares_what_travels_and_runs(tiny_corpus, tmp_path):
     assert [(x["model"], x["batch_size"]) for x in bench["results"]] == [
         ("gpt2", 2), ("moe_gqa", 2), ("gpt2", 4), ("moe_gqa", 4)]
     assert [x["batch_size"] for x in json.loads((out / "bench_compile.json").read_text())["results"]] == [2, 2]
+    head = json.loads((out / "head_loss.json").read_text())
+    assert (head["rows"], head["emb_dim"], head["vocab"]) == (4 * 32, 64, 50257)     # the smoke shape
     trained = json.loads((out / "short_train.json").read_text())
     assert {k: v["steps"] for k, v in trained.items()} == {"gpt2": 2, "moe_gqa": 2}
-    assert len(list(out.iterdir())) <= 8                   # what a device run can bring back
+    assert len(list(out.iterdir())) <= 9                   # what a device run can bring back
     assert subprocess.run(["bash", script], capture_output=True).returncode == 2
 
 
