@@ -12,7 +12,8 @@ On a CPU the vocabulary is cut in two: the first 50240 rows of the head (a multi
 product, the last 17 in another. That is what padding the vocabulary to a multiple of 64 would buy
 the large product, without padding anything users see. Measured with `benchmarks/lm_head_loss.py`
 on our 2-core machine (fp32, paper shape, forward + backward, median of 16): 1956 ms aligned,
-2137 ms in 8192-wide slices (the previous choice), 2427 ms for the whole 50257-wide product. A GPU
+2137 ms in 8192-wide slices (the previous choice), 2427 ms for the whole 50257-wide product; a
+later reading, slower throughout, kept the order (2514, 2552, 2727 ms; unfused 2864). A GPU
 takes the whole vocabulary in one product by default, not yet measured against the aligned cut
 (`benchmarks/gpu_check.sh` runs the same comparison there). `vocab_block` overrides either.
 """
@@ -40,6 +41,10 @@ def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     slices = [(a, min(a + block, vocab)) for a in range(0, vocab, block)]
     grad_h = torch.empty_like(h) if with_grads else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+    # In plain fp32 the products accumulate straight into the gradients (no vocabulary-sized
+    # temporary); under autocast they run in the low precision and are added in fp32.
+    accumulate = (not torch.is_autocast_enabled(h.device.type)
+                  and h.dtype == weight.dtype == torch.float32)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     for s in range(0, n, rows):
         hc, tc = h[s:s + rows], targets[s:s + rows]
@@ -64,8 +69,12 @@ def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
             # The 1/n of the mean is applied after the products, in fp32: under fp16 autocast,
             # (softmax - one-hot) / n would underflow for most of the vocabulary, and these
             # gradients are computed here, outside the GradScaler's scaling.
-            gh += (grad @ weight[a:b]).float()
-            grad_w[a:b].add_((grad.t() @ hc).float(), alpha=1 / n)
+            if accumulate:
+                gh.addmm_(grad, weight[a:b])
+                grad_w[a:b].addmm_(grad.t(), hc, alpha=1 / n)
+            else:
+                gh += (grad @ weight[a:b]).float()
+                grad_w[a:b].add_((grad.t() @ hc).float(), alpha=1 / n)
         grad_h[s:s + rows] = (gh / n).to(h.dtype)
     return total / n, grad_h, grad_w
 
