@@ -181,8 +181,8 @@ def test_precision_choice(monkeypatch):
 @pytest.mark.parametrize("name", ["gpt2", "moe_gqa"])
 def test_float16_with_grad_scaler_trains_like_float32(run, tmp_path, name):
     """The P100 / T4 path (fp16 autocast + GradScaler + fused AdamW), run for real on the CPU:
-    it follows the fp32 run (measured: within 1e-4 in every loss) and its scaler state goes into
-    the checkpoints."""
+    it follows the fp32 run (measured: every loss within 2e-5 for GPT-2, 1.9e-4 for MoE-GQA) and
+    its scaler state goes into the checkpoints."""
     c = cfg(max_steps=8, eval_freq=4, checkpoint_every=100, test_batches=10)
     ref = engine.train_model(name, c, run, **quiet)
     other = tmp_path / "fp16"
