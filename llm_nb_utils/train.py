@@ -68,11 +68,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel makes one pass over each tensor instead of about six: at the paper preset
     # on our 2-core CPU a step took 27 ms instead of 97 (GPT-2) and 41 instead of 178 (MoE-GQA).
-    # torch < 2.4 has it on CUDA only.
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    except RuntimeError:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def lr_factor(step: int, cfg: Config, total_steps: int) -> float:

@@ -155,7 +155,7 @@ def test_learning_rate_schedule():
 def test_weight_decay_spares_norms_biases_and_embeddings():
     model = build_model("gpt2", cfg(bias=True, tie_embeddings=False))
     opt = engine.make_optimizer(model, model.cfg)
-    assert opt.defaults["fused"]            # one pass per tensor, on the CPU too (torch >= 2.4)
+    assert opt.defaults["fused"]            # one pass per tensor, on the CPU too
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert "out_head.weight" in names and "blocks.0.ff.fc.weight" in names
