@@ -81,7 +81,8 @@ def time_steps(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) -
     peak_mb, kind = peak_memory(prec.device)
     if name == "moe_gqa":   # which expert dispatch ran: one grouped product, or a loop over experts
         moe = model.blocks[0].moe    # asked as the forward asks: its weights' device, the multiply dtype
-        grouped = moe.uses_grouped_mm(moe.w_up.device, prec.autocast_dtype or moe.w_up.dtype)
+        with prec.autocast():
+            grouped = moe.uses_grouped_mm(moe.w_up.device, moe.compute_dtype(moe.w_up))
         summary = {**summary, "moe_dispatch": "grouped" if grouped else "loop"}
     del model, optimizer, forward
     if prec.device.type == "cuda":

@@ -110,7 +110,7 @@ class MoEFeedForward(nn.Module):
         order = assignments.argsort(stable=True)              # assignments grouped by expert
         token_of = order // self.top_k
         rows = flat[token_of]
-        dtype = self._compute_dtype(rows)
+        dtype = self.compute_dtype(rows)
         if self.uses_grouped_mm(rows.device, dtype):
             expert_out = self._experts_grouped(rows, counts, dtype)
         else:
@@ -123,7 +123,7 @@ class MoEFeedForward(nn.Module):
         self.expert_counts = counts.detach()
         return out.view(shape)
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """What autocast would multiply in; the grouped product is cast by hand, not by autocast."""
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
