@@ -186,7 +186,7 @@ def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monke
     def wrong(x, w, offs):          # runs and differentiates, but gives every row to group 0
         return x @ w[0]
 
-    moe_mod._GROUPED_MM_WORKS.clear()
+    monkeypatch.setattr(moe_mod, "_GROUPED_MM_WORKS", {})      # not probed yet in this test
     with torch.no_grad():                                      # first use in evaluation
         assert moe.uses_grouped_mm(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)
     for fake in (broken, wrong):
@@ -198,7 +198,7 @@ def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monke
 
 
 @pytest.mark.skipif(moe_mod._GROUPED_MM is None, reason="this torch has no grouped matrix product")
-def test_training_forward_traces_as_one_graph():
+def test_training_forward_traces_as_one_graph(monkeypatch):
     """No host sync in the training forward (model, MoE dispatch, fused loss): torch.compile (dynamo)
     sees each model as one graph, under bf16 autocast as on a GPU, the MoE's support probe included
     (it has not run yet in this process for bf16). The loop over experts reads the segment sizes on
@@ -206,7 +206,7 @@ def test_training_forward_traces_as_one_graph():
     import torch._dynamo as dynamo
     idx, targets = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
     models = {name: build_model(name, tiny()) for name in NAMES}
-    moe_mod._GROUPED_MM_WORKS.clear()
+    monkeypatch.setattr(moe_mod, "_GROUPED_MM_WORKS", {})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for name, model in models.items():
             dynamo.reset()
