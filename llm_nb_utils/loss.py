@@ -10,12 +10,10 @@ backward pass.
 
 On a CPU the vocabulary is cut in two: the first 50240 rows of the head (a multiple of 64) in one
 product, the last 17 in another. That is what padding the vocabulary to a multiple of 64 would buy
-the large product, without padding anything users see. Measured with `benchmarks/lm_head_loss.py`
-on our 2-core machine (fp32, paper shape, forward + backward, median of 16): 1956 ms aligned,
-2137 ms in 8192-wide slices (the previous choice), 2427 ms for the whole 50257-wide product; a
-later reading, slower throughout, kept the order (2514, 2552, 2727 ms; unfused 2864). A GPU
-takes the whole vocabulary in one product by default, not yet measured against the aligned cut
-(`benchmarks/gpu_check.sh` runs the same comparison there). `vocab_block` overrides either.
+the large product, without padding anything users see; on our 2-core machine it measured faster
+than 8192-wide slices and than one 50257-wide product (`benchmarks/lm_head_loss.py`; figures in
+the README's Results). A GPU takes the whole vocabulary in one product, not yet measured against
+the aligned cut (`benchmarks/gpu_check.sh` runs that comparison). `vocab_block` overrides either.
 """
 from __future__ import annotations
 
