@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # A CPU build of torch, so that tests never pull a multi-GB CUDA wheel. Elsewhere than this
 # project's machines use e.g.: make test TORCH_INSTALL="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_INSTALL ?= torch==2.13.0
-PRESET ?= paper
+PRESET ?= auto
 ARGS ?=
 # Keep freed memory mapped instead of returning it to the OS after every step: on a 2-core CPU
 # this made the paper-preset GPT-2 step about 20% faster (see README, Benchmarks).

@@ -41,6 +41,18 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def default_preset() -> tuple[str, str]:
+    """The preset this machine can run: `paper` where a CUDA GPU is usable, else `small`; and why."""
+    if not torch.cuda.is_available():
+        return "small", (f"no usable CUDA GPU (torch {torch.__version__}, "
+                         f"{'CUDA ' + torch.version.cuda if torch.version.cuda else 'a CPU-only'} build)")
+    try:
+        check_gpu_supported()
+    except DeviceError as e:
+        return "small", str(e).split(". Fix:")[0]
+    return "paper", f"CUDA GPU {torch.cuda.get_device_name(0)}"
+
+
 def check_gpu_supported(index: int = 0) -> None:
     """Refuse a GPU the installed torch has no kernels for (e.g. a P100, sm_60, under a new torch)."""
     major, minor = torch.cuda.get_device_capability(index)

@@ -23,12 +23,22 @@ class NotebookRun:
         return self.run_dir / "figures"
 
 
+def resolve_preset(preset: str) -> tuple[str, str]:
+    """`auto` becomes `paper` where a CUDA GPU is usable, else `small`; (preset, why it was chosen)."""
+    if preset != "auto":
+        return preset, "asked for"
+    from .device import default_preset
+    chosen, why = default_preset()
+    return chosen, f"auto: {why}"
+
+
 def setup(preset: str, overrides: dict | None = None, run_dir: str = "", **extra) -> NotebookRun:
     """Validate the parameters before any work, make the run directory, print what will run.
 
     `extra` holds notebook parameters that are also settings (seed, split_method, max_steps...);
     a value of None or "" leaves the preset's value.
     """
+    preset, why = resolve_preset(preset)
     values = {**(overrides or {}), **{k: v for k, v in extra.items() if v not in (None, "")}}
     if values.get("max_steps") == 0 and "max_steps" not in (overrides or {}):
         values.pop("max_steps")   # 0 in a notebook's parameters means "the preset's value"
@@ -36,6 +46,7 @@ def setup(preset: str, overrides: dict | None = None, run_dir: str = "", **extra
     path = Path(run_dir) if run_dir else default_run_dir(preset)
     path.mkdir(parents=True, exist_ok=True)
     changed = changed_settings(cfg)
-    print(f"platform: {platform()} | preset: {preset} | changed settings: {json.dumps(changed) if changed else 'none'}")
+    print(f"platform: {platform()} | preset: {preset} ({why}) | changed settings: "
+          f"{json.dumps(changed) if changed else 'none'}")
     print(f"run directory: {path.resolve()}")
     return NotebookRun(cfg, path)

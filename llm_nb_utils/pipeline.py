@@ -1,28 +1,87 @@
 """Run the four notebooks end to end with papermill and render each to HTML with nbconvert.
 
+    python -m llm_nb_utils.pipeline                  # the preset this machine can run (auto)
     python -m llm_nb_utils.pipeline --preset smoke --out outputs/run-smoke
     python -m llm_nb_utils.pipeline --preset paper --set batch_size=16 --set dtype=float16
 
 Every notebook gets the same parameters. Executed notebooks go to `<out>/notebooks/`, their HTML
-to `<out>/reports/`. Re-running resumes: prepared data is reused, finished training is reloaded,
-interrupted training continues from its last checkpoint.
+to `<out>/reports/`, each kernel's own log lines to `<out>/logs/`. Re-running resumes: prepared
+data is reused, finished training is reloaded, interrupted training continues from its last
+checkpoint. Ctrl-C asks the running notebook to save its state and stop (exit status 130).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 from .config import ConfigError, make_config, parse_overrides, PRESETS
-from .env import REPO, default_run_dir
+from .device import DeviceError, resolve_device
+from .env import NOTEBOOK_DIR, default_run_dir
+from .notebook import resolve_preset
 
 NOTEBOOKS = ("01_data_prep", "02_gpt2_baseline", "03_moe_gqa", "04_compare_and_report")
+EXIT_INTERRUPTED = 130    # what a shell reports for a program stopped by Ctrl-C
 
 
 class PipelineError(RuntimeError):
     pass
+
+
+class PipelineInterrupted(PipelineError):
+    pass
+
+
+class Interrupts:
+    """Ctrl-C while the pipeline runs is passed on to the kernel running the notebook.
+
+    The kernel runs in a session of its own (jupyter_client starts it so), so a terminal's Ctrl-C
+    never reaches it; without this handler the pipeline would die in asyncio and take the kernel
+    down before training could save its state. The first Ctrl-C interrupts the kernel (training
+    saves a checkpoint and stops between two steps); a second one stops the pipeline at once.
+    """
+
+    def __init__(self):
+        self.hit = False
+        self.kernel_pgid: int | None = None
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def handle(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt("second Ctrl-C")
+        self.hit = True
+        print("\n[pipeline] Ctrl-C: the running notebook saves its state and stops "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        if self.kernel_pgid:
+            try:
+                os.killpg(self.kernel_pgid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+
+def _kernel_manager_class(kernel_log: Path, interrupts: Interrupts):
+    """jupyter_client's kernel manager, but the kernel's own stdout/stderr (its startup and shutdown
+    messages, C-level warnings) go to `kernel_log`, and its process group is told to `interrupts`."""
+    from jupyter_client import AsyncKernelManager
+
+    class PipelineKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            with open(kernel_log, "ab") as f:      # the kernel keeps its own copy of the descriptor
+                await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": f, "stderr": f})
+            interrupts.kernel_pgid = self.provisioner.pgid
+
+    return PipelineKernelManager
 
 
 def render_html(notebook: Path, html: Path) -> Path:
@@ -44,46 +103,69 @@ def render_html(notebook: Path, html: Path) -> Path:
 
 
 def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True, kernel: str = "python3",
-                 log=print) -> list[Path]:
-    """Execute `notebooks` in order; stop at the first failure with the notebook, cell and error."""
+                 log=print, verbose: bool = False) -> list[Path]:
+    """Execute `notebooks` in order; stop at the first failure with the notebook, cell and error.
+
+    What the notebooks print streams to this process's stdout/stderr as it comes. Raises
+    PipelineInterrupted after a Ctrl-C, once the interrupted notebook is saved and rendered.
+    """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
     out = Path(out).resolve()
     params = {**params, "run_dir": str(out)}
     reports = []
-    for name in notebooks:
-        src = REPO / "notebooks" / f"{name}.ipynb"
-        executed = out / "notebooks" / f"{name}.ipynb"
-        executed.parent.mkdir(parents=True, exist_ok=True)
-        log(f"[pipeline] {name}: running")
-        t0 = time.perf_counter()
-        try:
-            pm.execute_notebook(str(src), str(executed), parameters=params, kernel_name=kernel,
-                                cwd=str(src.parent), log_output=True, progress_bar=False)
-        except PapermillExecutionError as e:
+    with Interrupts() as interrupts:
+        for name in notebooks:
+            src = NOTEBOOK_DIR / f"{name}.ipynb"
+            executed = out / "notebooks" / f"{name}.ipynb"
+            kernel_log = out / "logs" / f"{name}.kernel.log"
+            for d in (executed.parent, kernel_log.parent):
+                d.mkdir(parents=True, exist_ok=True)
+            log(f"[pipeline] {name}: running")
+            t0 = time.perf_counter()
+            quiet = {} if verbose else {"kernel_manager_class": _kernel_manager_class(kernel_log, interrupts)}
+            try:
+                pm.execute_notebook(str(src), str(executed), parameters=params, kernel_name=kernel,
+                                    cwd=str(src.parent), progress_bar=False, log_output=False,
+                                    stdout_file=sys.stdout, stderr_file=sys.stderr, **quiet)
+            except PapermillExecutionError as e:
+                if html:
+                    render_html(executed, out / "reports" / f"{name}.html")
+                if interrupts.hit or e.ename == "KeyboardInterrupt":
+                    raise PipelineInterrupted(f"{name} was interrupted" + (f": {e.evalue}" if e.evalue else "")) from None
+                raise PipelineError(
+                    f"notebook {name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
+                    f"{e.ename}: {e.evalue}\nThe executed notebook, with the outputs up to the error, is "
+                    f"{executed}. Fix the cause and re-run the same command: finished work is reused.") from None
+            finally:
+                interrupts.kernel_pgid = None
+            log(f"[pipeline] {name}: done in {time.perf_counter() - t0:.1f} s")
             if html:
-                render_html(executed, out / "reports" / f"{name}.html")
-            raise PipelineError(
-                f"notebook {name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
-                f"{e.ename}: {e.evalue}\nThe executed notebook, with the outputs up to the error, is "
-                f"{executed}. Fix the cause and re-run the same command: finished work is reused.") from None
-        log(f"[pipeline] {name}: done in {time.perf_counter() - t0:.1f} s")
-        if html:
-            reports.append(render_html(executed, out / "reports" / f"{name}.html"))
+                reports.append(render_html(executed, out / "reports" / f"{name}.html"))
+            if interrupts.hit:
+                raise PipelineInterrupted(f"stopped after {name}, which had finished")
     return reports
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted run: the same one, without --no-resume."""
+    return shlex.join(["python", "-m", "llm_nb_utils.pipeline", *(a for a in argv if a != "--no-resume")])
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m llm_nb_utils.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                   help="paper: the study's configuration (GPU); small: a CPU run in minutes; smoke: tests")
+    p.add_argument("--preset", default="auto", choices=["auto", *sorted(PRESETS)],
+                   help="auto (default): paper where a CUDA GPU is usable, else small; paper: the study's "
+                        "configuration (GPU); small: a CPU run of about a quarter of an hour; smoke: tests")
     p.add_argument("--out", default="", help="run directory (default: outputs/run-<preset>)")
-    p.add_argument("--source", default="local", choices=["local", "gutenberg"], help="corpus source")
-    p.add_argument("--corpus-dir", default="", help="folder of .txt files (default: ../shared/corpus/pt-literature, "
-                   "LLM_CORPUS_DIR, or a Kaggle input dataset)")
-    p.add_argument("--gutenberg-mb", type=float, default=50.0, help="MB of text to download with --source gutenberg")
+    p.add_argument("--source", default="auto", choices=["auto", "local", "gutenberg"],
+                   help="corpus source (auto: a local corpus if one is found, else a Gutenberg download)")
+    p.add_argument("--corpus-dir", default="", help="folder of .txt files (default: LLM_CORPUS_DIR, a Kaggle "
+                   "input dataset, or ../shared/corpus/pt-literature)")
+    p.add_argument("--gutenberg-mb", type=float, default=50.0, help="MB of text to download from Gutenberg")
     p.add_argument("--split-method", default="proportional", choices=["proportional", "documents"])
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--max-steps", type=int, default=0, help="cap on training steps (0: the preset's value)")
@@ -97,24 +179,45 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     p.add_argument("--export-hf", action="store_true",
                    help="also export both models to <out>/hf/ (transformers format; notebook 04 does it too)")
+    p.add_argument("--verbose", action="store_true",
+                   help="papermill's cell-by-cell log, and the kernels' own messages on the terminal")
     args = p.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    preset, why = resolve_preset(args.preset)
+    if args.preset == "auto":
+        print(f"[pipeline] preset: {preset} ({why}); choose another with --preset paper, small or smoke")
     try:
         overrides = parse_overrides(args.set)
-        make_config(args.preset, overrides, seed=args.seed, split_method=args.split_method,
-                    **({"max_steps": args.max_steps} if args.max_steps else {}))   # fail before any work
+        cfg = make_config(preset, overrides, seed=args.seed, split_method=args.split_method,
+                          **({"max_steps": args.max_steps} if args.max_steps else {}))   # fail before any work
+        resolve_device(cfg.device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else default_run_dir(args.preset)
-    params = dict(preset=args.preset, overrides=overrides, corpus_source=args.source, corpus_dir=args.corpus_dir,
+    except DeviceError as e:
+        print(f"error: the {preset} preset trains on device={cfg.device!r}, which is not usable here: "
+              f"{str(e).split('. Fix:')[0]}. Fix: --preset small for a CPU run, or --set device=cpu to run "
+              f"the {preset} preset on this CPU anyway (it prints an estimate after its first steps).",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else default_run_dir(preset)
+    params = dict(preset=preset, overrides=overrides, corpus_source=args.source, corpus_dir=args.corpus_dir,
                   gutenberg_target_mb=args.gutenberg_mb, split_method=args.split_method, seed=args.seed,
                   allow_undecodable=args.allow_undecodable, wandb_mode=args.wandb_mode,
                   resume=not args.no_resume, max_steps=args.max_steps, progress=False)
     t0 = time.perf_counter()
     try:
-        reports = run_pipeline(params, out, args.only or NOTEBOOKS, html=not args.no_html, kernel=args.kernel)
+        reports = run_pipeline(params, out, args.only or NOTEBOOKS, html=not args.no_html, kernel=args.kernel,
+                               verbose=args.verbose)
+    except PipelineInterrupted as e:
+        print(f"\n[pipeline] {e}\n[pipeline] the executed notebooks and their reports are in {out.resolve()}"
+              f"\n[pipeline] to continue where it stopped: {resume_command(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"\n[pipeline] stopped at once (second Ctrl-C): work since the last checkpoint is lost. "
+              f"To continue from it: {resume_command(argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except PipelineError as e:
         print(f"\n[pipeline] FAILED: {e}", file=sys.stderr)
         return 1

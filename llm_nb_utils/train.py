@@ -29,6 +29,7 @@ from .device import (Precision, maybe_compile, peak_memory, reset_peak_memory, r
                      resolve_precision, synchronize)
 from .generate import sample_generations
 from .models import build_model
+from .progress import TrainingProgress
 from .tracking import init_tracking
 
 THROUGHPUT_DEFINITION = ("training tokens processed / wall-clock seconds spent in training steps "
@@ -169,7 +170,7 @@ def _find_first_nonfinite(pending: list) -> int | None:
 
 
 def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True, progress: bool = True,
-                wandb_mode: str | None = None, log=print) -> dict:
+                wandb_mode: str | None = None, log=print, progress_interval_s: float = 60.0) -> dict:
     """Train `name` and return its metrics dict (also written to `<run_dir>/metrics/<name>.json`)."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints" / name
@@ -240,10 +241,9 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
                 "on, or use float32 / bfloat16 instead of float16; then resume.")
 
     reset_peak_memory(prec.device)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, initial=state.step, desc=name, unit="step", dynamic_ncols=True)
+    # A bar in interactive runs; in batch runs (progress=False) a line every progress_interval_s.
+    ui = TrainingProgress(name, total_steps, state.step, cfg.batch_size * cfg.context_length, bar=progress,
+                          log=log, interval_s=progress_interval_s)
     model.train()
     loop_start = time.perf_counter() - state.train_time_s
     segment_start = time.perf_counter()
@@ -276,9 +276,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
                 if state.step % cfg.log_every == 0 or at_eval or at_ckpt or interrupt["hit"]:
                     last_loss = pending[-1][1].item()
                     check_finite()
-                    if bar is not None:
-                        bar.update(state.step - bar.n)
-                        bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    ui.update(state.step, last_loss, scheduler.get_last_lr()[0])
                 if at_eval:
                     close_segment()
                     train_loss = evaluate(model, train_eval_loader, prec, cfg.eval_iter)
@@ -289,7 +287,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
                                  "lr": scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen,
                                  "tokens_per_s": tokens_per_s(),
                                  "peak_memory_mb": peak_memory(prec.device)[0]}, step=state.step)
-                    if bar is None:
+                    if not progress:
                         log(f"{name} step {state.step:>6}/{total_steps} | train {train_loss:.3f} | val "
                             f"{val_loss:.3f} | {tokens_per_s():,.0f} tokens/s")
                     segment_start = time.perf_counter()
@@ -303,8 +301,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
                     state.peak_memory_mb = max(state.peak_memory_mb, peak_memory(prec.device)[0])
                     path = checkpoint("interrupt" if interrupt["hit"] else "periodic")
                     if interrupt["hit"]:
-                        if bar is not None:
-                            bar.close()
+                        ui.close()
                         tracker.finish()
                         raise KeyboardInterrupt(f"{name}: interrupted at step {state.step}; state saved to "
                                                 f"{path}. Run again with resume=True to continue.")
@@ -319,8 +316,7 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
             state.finished = stop or state.epoch >= cfg.max_epochs
             checkpoint("end" if state.finished else "epoch")
             segment_start = time.perf_counter()
-    if bar is not None:
-        bar.close()
+    ui.close()
 
     expert_counts: list = []
     test_loss = evaluate(model, loaders["test"], prec, cfg.test_batches or None, expert_counts)

@@ -1,6 +1,8 @@
 """The four notebooks end to end through papermill and nbconvert, on the smoke preset."""
 import ast
 import json
+import subprocess
+import sys
 
 import nbformat
 import pandas as pd
@@ -11,12 +13,31 @@ from llm_nb_utils.env import REPO
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tiny_corpus, tmp_path_factory):
+def pipeline_proc(tiny_corpus, tmp_path_factory):
+    """The pipeline as a user starts it, in a process of its own: (run directory, what it printed)."""
     out = tmp_path_factory.mktemp("pipeline") / "run"
-    code = main(["--preset", "smoke", "--corpus-dir", str(tiny_corpus), "--out", str(out),
-                 "--set", "device=cpu", "--export-hf"])
-    assert code == 0
-    return out
+    proc = subprocess.run([sys.executable, "-m", "llm_nb_utils.pipeline", "--preset", "smoke", "--corpus-dir",
+                           str(tiny_corpus), "--out", str(out), "--set", "device=cpu", "--export-hf"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(pipeline_proc):
+    return pipeline_proc[0]
+
+
+def test_the_terminal_shows_the_notebooks_not_papermill_the_kernel_or_asyncio(pipeline_proc):
+    _, proc = pipeline_proc
+    printed = proc.stdout + proc.stderr
+    for noise in ["Executing Cell", "Unable to parse", "Passed unknown parameter", "IPKernelApp", "asyncio",
+                  "without encryption", "Traceback", "TqdmWarning", "Black is not installed"]:
+        assert noise not in printed, noise
+    for name in NOTEBOOKS:
+        assert f"[pipeline] {name}: running" in proc.stdout and f"[pipeline] {name}: done in" in proc.stdout
+    assert "gpt2: test loss" in proc.stdout and "moe_gqa: test loss" in proc.stdout   # what the notebooks print
+    assert "without encryption" in (pipeline_proc[0] / "logs" / "02_gpt2_baseline.kernel.log").read_text()
 
 
 def test_pipeline_outputs(pipeline_run):
@@ -86,8 +107,8 @@ def test_notebooks_are_committed_clean_and_share_their_parameters():
         assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
         params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
         assert len(params) == 1, name
-        assigned = {t.id for n in ast.parse(params[0].source).body for t in n.targets}
+        assigned = {n.target.id for n in ast.parse(params[0].source).body}
         names = names or assigned
         assert assigned == names, name
-        logic = [c for c in code if c not in params]
+        logic = [c for c in code if c not in params and "bootstrap" not in c.metadata.get("tags", [])]
         assert all(len(c.source.splitlines()) <= 10 for c in logic), f"{name} has a long code cell"
