@@ -12,6 +12,7 @@
 #      slices) against the unfused loss: whether the GPU default (whole) should change;
 #   3. the benchmark at batch 8 with torch.compile, to see whether compile helps there;
 #   4. time permitting, a short real training run of each model at the paper preset on that data.
+# It exits 1, naming them, when any stage failed, and says which stages it skipped for lack of time.
 # DEVICE, PRESET, BATCHES, STEPS, TRAIN_STEPS, BUDGET (seconds) and RUN_DIR change what it runs
 # (the tests run it on a CPU at the smoke preset, so that it cannot rot between loans).
 set -uo pipefail
@@ -40,22 +41,41 @@ run)
     export TIKTOKEN_CACHE_DIR="$CARRY/tiktoken_cache" PYTHONUNBUFFERED=1
     start=$(date +%s)
     left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+    failed=() skipped=()
+    # stage NAME LOG COMMAND...: run it, its output on the terminal and in LOG; remember a failure.
+    stage() {
+        local name=$1 log=$2
+        shift 2
+        "$@" 2>&1 | tee "$log"
+        local rc=${PIPESTATUS[0]}
+        [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
+    }
     { nvidia-smi || true; $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"; } > "$OUT/environment.txt" 2>&1
     bench="$PY benchmarks/train_throughput.py --preset $PRESET --device $DEVICE --steps $STEPS --warmup 5"
     # shellcheck disable=SC2086
-    timeout 200 $bench --batch-size $BATCHES --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
-    timeout 60 $PY benchmarks/lm_head_loss.py --preset "$PRESET" --device "$DEVICE" --rounds 3 \
-        --json "$OUT/head_loss.json" 2>&1 | tee "$OUT/head_loss.log"
+    stage bench "$OUT/bench.log" timeout 200 $bench --batch-size $BATCHES --json "$OUT/bench.json"
+    stage head_loss "$OUT/head_loss.log" timeout 60 $PY benchmarks/lm_head_loss.py --preset "$PRESET" \
+        --device "$DEVICE" --rounds 3 --json "$OUT/head_loss.json"
     if [ "$(left)" -gt 300 ]; then
-        timeout 150 $bench --batch-size ${BATCHES%% *} --compile --json "$OUT/bench_compile.json" 2>&1 \
-            | tee "$OUT/bench_compile.log"
+        # shellcheck disable=SC2086
+        stage compile "$OUT/bench_compile.log" timeout 150 $bench --batch-size ${BATCHES%% *} --compile \
+            --json "$OUT/bench_compile.json"
+    else
+        skipped+=(compile)
     fi
     if [ "$(left)" -gt 60 ]; then
-        timeout "$(left)" $PY benchmarks/short_train.py --data "$CARRY/run/data" --run-dir "${RUN_DIR:-/tmp/gpu_run}" \
-            --preset "$PRESET" --max-steps "${TRAIN_STEPS:-3000}" --set device="$DEVICE" --set eval_freq=500 \
-            --set test_batches=200 --set checkpoint_every=100000 --json "$OUT/short_train.json" 2>&1 \
-            | tee "$OUT/short_train.log"
+        stage short_train "$OUT/short_train.log" timeout "$(left)" $PY benchmarks/short_train.py \
+            --data "$CARRY/run/data" --run-dir "${RUN_DIR:-/tmp/gpu_run}" --preset "$PRESET" \
+            --max-steps "${TRAIN_STEPS:-3000}" --set device="$DEVICE" --set eval_freq=500 --set test_batches=200 \
+            --set checkpoint_every=100000 --json "$OUT/short_train.json"
+    else
+        skipped+=(short_train)
+    fi
+    [ ${#skipped[@]} -eq 0 ] || echo "gpu_check: skipped for lack of time: ${skipped[*]}"
+    if [ ${#failed[@]} -gt 0 ]; then
+        echo "gpu_check FAILED after $(( $(date +%s) - start )) s: ${failed[*]}"
+        exit 1
     fi
     echo "gpu_check finished in $(( $(date +%s) - start )) s"
     ;;

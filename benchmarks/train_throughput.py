@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -35,8 +36,8 @@ from llm_nb_utils.device import (maybe_compile, peak_memory, reset_peak_memory, 
 from llm_nb_utils.models import build_model  # noqa: E402
 from llm_nb_utils.train import make_optimizer, training_step  # noqa: E402
 
-# Dense peak TFLOP/s by device name fragment, for the dtype a run uses (vendor datasheets; dense,
-# no sparsity). Matched in order, so the more specific names come first.
+# Dense peak TFLOP/s for the dtype a run uses (vendor datasheets; dense,
+# no sparsity), by model name as it appears, as a word, in torch.cuda.get_device_name().
 PEAK_TFLOPS = [
     ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
     ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
@@ -50,8 +51,11 @@ PEAK_TFLOPS = [
 
 
 def peak_tflops(device_name: str, dtype: str) -> float | None:
-    for fragment, table in PEAK_TFLOPS:
-        if fragment in device_name:
+    """The datasheet peak of a device named like `device_name`, matched on whole words of its name
+    ("NVIDIA L40S" is not an L4, "A10G" not an A10): an unknown device gets None, not a neighbour's."""
+    words = set(re.split(r"[^A-Z0-9]+", device_name.upper()))
+    for model, table in PEAK_TFLOPS:
+        if model in words:
             return table.get(dtype)
     return None
 

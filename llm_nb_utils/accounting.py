@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting for both models, used by reports and benchmarks.
+"""Parameter and FLOP accounting for both models, and bits per byte; used by reports and benchmarks.
 
 FLOPs per token (training, forward + backward) follow PaLM's appendix B:
 
@@ -10,6 +10,8 @@ token is routed to. Embedding look-ups and norms are not matrix products and are
 second term is attention's QK^T and AV, counted over the full context (not halved for the mask).
 """
 from __future__ import annotations
+
+import math
 
 import torch.nn as nn
 
@@ -49,3 +51,10 @@ def flops_per_token(model: nn.Module) -> int:
 
 def model_summary(model: nn.Module) -> dict:
     return {**count_params(model), "flops_per_token": flops_per_token(model)}
+
+
+def bits_per_byte(loss: float, tokens: int, text_bytes: int) -> float:
+    """A next-token loss (nats per token) as bits per UTF-8 byte of the text: loss / ln 2 x tokens /
+    bytes. Unlike perplexity it does not depend on the tokenizer, so runs with other vocabularies
+    (and other studies) compare on it."""
+    return loss / math.log(2) * tokens / text_bytes

@@ -16,8 +16,10 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
+from .errors import SuiteError
 
-class ConfigError(ValueError):
+
+class ConfigError(SuiteError, ValueError):
     """An inconsistent or unknown setting; the message names it and the fix."""
 
 
@@ -86,6 +88,8 @@ class Config:
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self):
+        if isinstance(self.split_ratios, list):       # as to_dict() and JSON give it back
+            self.split_ratios = tuple(self.split_ratios)
         validate(self)
 
     # Settings that change the model's tensors: a checkpoint can only be resumed into these.
@@ -139,10 +143,13 @@ def make_config(preset: str = "paper", overrides: Mapping[str, Any] | None = Non
 
 
 def _coerce(key: str, value: Any) -> Any:
-    """Turn strings from a command line into the field's type; reject what cannot convert."""
+    """Turn strings from a command line into the field's type; reject what cannot convert.
+    Values of other types pass through unchanged: `validate` checks them."""
     ftype = {f.name: f.type for f in fields(Config)}[key]
+    if ftype == "tuple" and isinstance(value, list):
+        return tuple(value)
     if not isinstance(value, str) or ftype == "str":
-        return tuple(value) if ftype == "tuple" and isinstance(value, list) else value
+        return value
     try:
         if ftype == "bool":
             low = value.strip().lower()
@@ -155,9 +162,29 @@ def _coerce(key: str, value: Any) -> Any:
             return int(value)
         if ftype == "float":
             return float(value)
-        return tuple(ast.literal_eval(value))
-    except (ValueError, SyntaxError):
+        parsed = ast.literal_eval(value)
+        return tuple(parsed) if isinstance(parsed, (list, tuple)) else parsed
+    except (ValueError, SyntaxError, TypeError):
         raise ConfigError(f"setting {key}={value!r}: expected a {ftype}.") from None
+
+
+def parse_overrides_value(overrides: Any) -> dict[str, Any]:
+    """A notebook's `overrides` parameter: a mapping, or its JSON / YAML text (papermill's `-p`
+    passes a string), or empty."""
+    if overrides is None or overrides == "":
+        return {}
+    if isinstance(overrides, str):
+        import yaml   # papermill's own dependency; JSON is YAML too
+        try:
+            overrides = yaml.safe_load(overrides)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"overrides {overrides!r} is neither JSON nor YAML ({str(e).splitlines()[0]}). "
+                              'Fix: e.g. overrides=\'{"batch_size": 16}\'') from None
+        overrides = overrides or {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"overrides must be a mapping of settings, e.g. {{\"batch_size\": 16}} (got "
+                          f"{type(overrides).__name__} {overrides!r})")
+    return dict(overrides)
 
 
 def changed_settings(cfg: Config | Mapping[str, Any]) -> dict[str, Any]:
@@ -178,9 +205,29 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def _type_errors(cfg: Config) -> list[str]:
+    """Each setting against its declared type (a bool is not an int, an int is a fine float)."""
+    errors = []
+    for f in fields(Config):
+        v = getattr(cfg, f.name)
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+              "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": isinstance(v, bool),
+              "str": isinstance(v, str),
+              "tuple": isinstance(v, (tuple, list)) and all(
+                  isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)}[f.type]
+        if not ok:
+            what = {"tuple": "a tuple of numbers", "int": "an integer", "float": "a number", "bool": "True or False",
+                    "str": "a string"}[f.type]
+            errors.append(f"{f.name} must be {what} (got {type(v).__name__} {v!r})")
+    return errors
+
+
 def validate(cfg: Config) -> None:
     """Every consistency rule of the configuration, checked before any work starts."""
-    errors = []
+    errors = _type_errors(cfg)
+    if errors:
+        raise ConfigError("invalid configuration: " + "; ".join(errors))
     positive = ["vocab_size", "emb_dim", "context_length", "n_layers", "n_heads", "head_dim",
                 "hidden_dim", "n_kv_groups", "num_experts", "num_experts_per_token",
                 "moe_intermediate_size", "batch_size", "stride", "max_epochs", "eval_freq",
@@ -230,4 +277,4 @@ def validate(cfg: Config) -> None:
     if len(ratios) != 3 or any(r <= 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
         errors.append(f"split_ratios must be three positive fractions summing to 1 (got {ratios})")
     if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+        raise ConfigError("invalid configuration: " + "; ".join(errors))

@@ -12,13 +12,39 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import SuiteError
 
-class CorpusError(ValueError):
+
+class CorpusError(SuiteError, ValueError):
     """A corpus that cannot be used as given; the message says why and what to do."""
 
 
 _BLANK_RUNS = re.compile(r"\n[ \t]*(?:\n[ \t]*){2,}")
 _TRAILING_WS = re.compile(r"[ \t]+\n")
+
+
+# What prose never looks like. A file of NUL bytes, a base64 blob or a table of numbers would be
+# tokenized as happily as a novel and take its share of the training split.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+_LETTER_RUNS = re.compile(r"[^\W\d_]+")
+_WHITESPACE_RUNS = re.compile(r"\s+")
+NO_SPACE_LIMIT = 2000          # prose has a space every few dozen characters
+MIN_LETTER_SHARE = 0.5         # Portuguese literature: about 0.85 of the visible characters
+
+
+def quality_problem(text: str) -> tuple[str, str] | None:
+    """(status, why) when a cleaned, non-empty text is not prose; None when it is."""
+    controls = len(_CONTROL.findall(text))
+    if controls > max(10, len(text) // 1000):
+        return "control_characters", f"{controls:,} control characters (e.g. NUL) in {len(text):,}"
+    run = re.search(f"[^ \u00a0\t]{{{NO_SPACE_LIMIT}}}", text)
+    if run:
+        return "no_spaces", f"{NO_SPACE_LIMIT:,}+ characters without a space from character {run.start():,}"
+    visible = len(text) - sum(map(len, _WHITESPACE_RUNS.findall(text)))
+    letters = sum(map(len, _LETTER_RUNS.findall(text)))
+    if visible and letters / visible < MIN_LETTER_SHARE:
+        return "few_letters", f"letters are {letters / visible:.0%} of the visible characters"
+    return None
 
 
 def clean_text(text: str) -> str:
@@ -37,7 +63,8 @@ class DocInfo:
     chars: int = 0
     words: int = 0
     sha256: str = ""   # of the cleaned text, for duplicate detection
-    status: str = "kept"   # kept | empty | duplicate | undecodable
+    status: str = "kept"   # kept | empty | duplicate | undecodable | control_characters | no_spaces | few_letters
+    note: str = ""         # why, for the statuses that need it
 
 
 @dataclass
@@ -60,7 +87,8 @@ class CorpusScan:
                 "chars": sum(d.chars for d in kept), "words": sum(d.words for d in kept),
                 "dropped_empty": self.dropped("empty"),
                 "dropped_duplicate": self.dropped("duplicate"),
-                "undecodable": self.dropped("undecodable")}
+                "undecodable": self.dropped("undecodable"),
+                "not_prose": {d.path: f"{d.status}: {d.note}" for d in self.docs if d.note}}
 
     def to_dict(self) -> dict:
         return {"root": self.root, "raw_fingerprint": self.raw_fingerprint,
@@ -107,10 +135,13 @@ def scan_corpus(corpus_dir: str | Path, allow_undecodable: bool = False) -> Corp
             continue
         info.chars, info.words = len(text), len(text.split())
         info.sha256 = hashlib.sha256(text.encode()).hexdigest()
+        problem = quality_problem(text) if text else None
         if not text:
             info.status = "empty"
         elif info.sha256 in seen:
             info.status = "duplicate"
+        elif problem:
+            info.status, info.note = problem
         seen.add(info.sha256)
         scan.docs.append(info)
     scan.raw_fingerprint = fp.hexdigest()
@@ -123,5 +154,5 @@ def scan_corpus(corpus_dir: str | Path, allow_undecodable: bool = False) -> Corp
                           "allow_undecodable=True to skip them.")
     if not scan.kept:
         raise CorpusError(f"the corpus at {str(root)!r} has no usable text: {len(files)} file(s), all "
-                          "empty, duplicate or undecodable.")
+                          "empty, duplicate, undecodable or not prose (control characters, no spaces, few letters).")
     return scan

@@ -8,10 +8,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .errors import SuiteError
+from .files import write_atomic
 from .prepare import SPLITS, load_meta
 
 
-class DataSizeError(ValueError):
+class DataSizeError(SuiteError, ValueError):
     pass
 
 
@@ -70,7 +72,11 @@ class EpochBatchSampler(Sampler):
 def make_dataloader(dataset: TokenWindowDataset, batch_size: int, shuffle: bool, seed: int = 123,
                     drop_last: bool = False, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
+    # A generator of its own: every new iterator draws a base seed from the loader's generator, by
+    # default torch's global one, which dropout also uses. Evaluations and a resumed run open
+    # iterators an uninterrupted run does not, and the dropout masks after a resume would shift.
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def load_splits(data_dir: str | Path, cfg, pin_memory: bool = False) -> dict[str, DataLoader]:
@@ -114,7 +120,4 @@ def table1(data_dir: str | Path, cfg, loaders: dict[str, DataLoader] | None = No
 
 
 def save_table1(df: pd.DataFrame, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path)
-    return path
+    return write_atomic(path, df.to_csv())

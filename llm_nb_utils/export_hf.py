@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import warnings
 from contextlib import contextmanager
@@ -22,11 +24,13 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import Config
+from .errors import SuiteError
+from .files import storage_error
 from .models import GPT2Model, MoEGQAModel, build_model
 from .tokenizer import EOT_ID, get_tokenizer
 
 
-class ExportError(ValueError):
+class ExportError(SuiteError, ValueError):
     pass
 
 
@@ -146,6 +150,17 @@ def _gpt2_to_hf(model: GPT2Model):
 
 # --- MoE-GQA -> Qwen3-MoE -----------------------------------------------------------------------
 
+def hf_aux_loss_coef(cfg: Config) -> float:
+    """The `router_aux_loss_coef` that weighs transformers' load-balancing loss as ours is weighed.
+
+    Ours is Switch-normalised over assignments: num_experts * sum_e f_e * P_e with f_e the share of
+    the N * k assignments, 1.0 when balanced. transformers' `load_balancing_loss_func` takes the
+    mean of the one-hot top-k mask over tokens, so its f_e sums to k: the same loss times k (and it
+    pools the router logits of all layers before the products, where we average per-layer losses).
+    Dividing the coefficient by k gives a fine-tuning run in transformers the same penalty."""
+    return cfg.aux_loss_coef / cfg.num_experts_per_token
+
+
 def _moe_to_hf(model: MoEGQAModel):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     cfg = model.cfg
@@ -162,7 +177,7 @@ def _moe_to_hf(model: MoEGQAModel):
         rope_theta=cfg.rope_base, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
         max_position_embeddings=cfg.context_length, attention_bias=cfg.bias, attention_dropout=cfg.drop_rate,
         tie_word_embeddings=cfg.tie_embeddings, use_sliding_window=False,
-        router_aux_loss_coef=cfg.aux_loss_coef, bos_token_id=EOT_ID, eos_token_id=EOT_ID)
+        router_aux_loss_coef=hf_aux_loss_coef(cfg), bos_token_id=EOT_ID, eos_token_id=EOT_ID)
     hf = Qwen3MoeForCausalLM(hf_cfg).eval()
     sd = _cpu_fp32_state(model)
     keys = set(hf.state_dict())
@@ -243,12 +258,25 @@ def export_hf(model_or_checkpoint, out_dir: str | Path) -> Path:
         model = load_from_checkpoint(model)
     hf = to_hf(model)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with _quiet_transformers():
-        hf.save_pretrained(out, safe_serialization=True)
-    GenerationConfig(bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID,
-                     max_length=model.cfg.context_length).save_pretrained(out)
-    write_gpt2_tokenizer(out, model.cfg.context_length)
+    # Written whole into a folder of its own, then swapped in: a kill or a full disk never leaves a
+    # half-exported model under the final name.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        with _quiet_transformers():
+            hf.save_pretrained(tmp, safe_serialization=True)
+        GenerationConfig(bos_token_id=EOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID,
+                         max_length=model.cfg.context_length).save_pretrained(tmp)
+        write_gpt2_tokenizer(tmp, model.cfg.context_length)
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise storage_error(e, out / "model.safetensors") from None
     return out
 
 

@@ -1,8 +1,6 @@
 """Autoregressive sampling with a KV cache, for both models."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .tokenizer import EOT_ID, decode, encode
@@ -11,11 +9,13 @@ from .tokenizer import EOT_ID, decode, encode
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              seed: int | None = None, eos_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
-    """Extend `prompt_ids` (a list or a (batch, seq) tensor) by up to `max_new_tokens` tokens.
+    """Extend `prompt_ids` (a list or a (batch, seq) tensor) by `max_new_tokens` tokens (fewer only
+    at `eos_id`). temperature 0 is greedy decoding.
 
-    temperature 0 is greedy decoding. Generation stops early at `eos_id`, and at the model's
-    context length, with a warning: GPT-2's learned positions end there, so we stop rather than
-    slide the window, for both models alike.
+    The model sees at most its last `context_length` tokens: past that the window slides, as in
+    LLMs-from-scratch's `generate`. A sliding window shifts every position, so the KV cache, whose
+    keys were computed at the old positions (learned ones for GPT-2, rotated ones for RoPE), is
+    rebuilt from the window instead of cropped: the same tokens as recomputing without a cache.
     """
     device = next(model.parameters()).device
     idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
@@ -24,19 +24,19 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, t
     if idx.shape[1] == 0:
         raise ValueError("the prompt is empty: give at least one token")
     limit = model.cfg.context_length
-    if idx.shape[1] > limit:
-        raise ValueError(f"the prompt has {idx.shape[1]} tokens, more than context_length={limit}")
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
-    cache = model.new_cache() if use_cache else None
-    step_input = idx
+    cache, step_input = None, None
     try:
         for _ in range(max_new_tokens):
-            if idx.shape[1] >= limit:
-                warnings.warn(f"generation stopped at the context length ({limit} tokens)", stacklevel=2)
-                break
-            logits = model(step_input if use_cache else idx, cache=cache).logits[:, -1, :].float()
+            if not use_cache:
+                logits = model(idx[:, -limit:]).logits
+            else:
+                if cache is None or cache.length() + step_input.shape[1] > limit:
+                    cache, step_input = model.new_cache(), idx[:, -limit:]    # (re)build from the window
+                logits = model(step_input, cache=cache).logits
+            logits = logits[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -2,15 +2,14 @@
 
 The result is an ordinary corpus directory (one `pg<id>.txt` per book, license header and footer
 removed), so data preparation treats it like any local corpus. Every download goes through a
-`.part` file renamed only when complete, so an interrupted run never leaves a truncated book that
-a re-run would take for a finished one; a re-run downloads only what is missing.
+temporary file renamed only when complete (`files.write_atomic`), so an interrupted run never leaves
+a truncated book that a re-run would take for a finished one; a re-run downloads only what is missing.
 """
 from __future__ import annotations
 
 import csv
 import http.client
 import io
-import os
 import re
 import time
 import urllib.error
@@ -19,13 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .errors import SuiteError
+from .files import write_atomic
+
 GUTENBERG_BASE_URL = "https://www.gutenberg.org"
 CATALOG_PATH = "/cache/epub/feeds/pg_catalog.csv"
 BOOK_PATH = "/cache/epub/{id}/pg{id}.txt"
 USER_AGENT = "llm-nb-utils/0.1 (+https://github.com/; research corpus builder)"
 
 
-class GutenbergError(RuntimeError):
+class GutenbergError(SuiteError, RuntimeError):
     pass
 
 
@@ -104,16 +106,11 @@ def fetch(url: str, retries: int = 3, backoff: float = 1.0, timeout: float = 30.
                          "corpus with corpus_source='local' and corpus_dir=<folder of .txt files>.")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    part = path.with_name(path.name + ".part")
-    part.write_bytes(data)
-    os.replace(part, path)
-
-
 def download_portuguese_corpus(cache_dir: str | Path, target_mb: float = 50.0,
                                base_url: str = GUTENBERG_BASE_URL, language: str = "pt",
                                retries: int = 3, backoff: float = 1.0,
-                               log: Callable[[str], None] = print) -> Path:
+                               log: Callable[[str], None] = print,
+                               sleep: Callable[[float], None] = time.sleep) -> Path:
     """Fill `cache_dir/books` with stripped books until their text reaches `target_mb` MB.
 
     Returns the books directory, a corpus directory for `prepare_data`.
@@ -124,29 +121,37 @@ def download_portuguese_corpus(cache_dir: str | Path, target_mb: float = 50.0,
     catalog_file = cache_dir / "pg_catalog.csv"
     if not catalog_file.exists():
         log(f"downloading the Gutenberg catalog from {base_url}{CATALOG_PATH}")
-        _write_atomic(catalog_file, fetch(base_url + CATALOG_PATH, retries, backoff))
+        write_atomic(catalog_file, fetch(base_url + CATALOG_PATH, retries, backoff, sleep=sleep))
     entries = parse_catalog(catalog_file.read_text(encoding="utf-8"), language)
     if not entries:
         raise GutenbergError(f"the catalog lists no text books in language {language!r}")
 
     target = int(target_mb * 1e6)
-    total, downloaded, missing = 0, 0, []
+    total, downloaded, missing, failed = 0, 0, [], []
     for entry in sorted(entries, key=lambda e: e.id):
         if total >= target:
             break
         book = books_dir / f"pg{entry.id}.txt"
         if not book.exists():
             try:
-                raw = fetch(base_url + BOOK_PATH.format(id=entry.id), retries, backoff)
+                raw = fetch(base_url + BOOK_PATH.format(id=entry.id), retries, backoff, sleep=sleep)
                 text = strip_gutenberg_boilerplate(raw.decode("utf-8"))
             except (_NotFound, UnicodeDecodeError):
                 missing.append(entry.id)   # no UTF-8 plain text for this book: skip it
                 continue
-            _write_atomic(book, text.encode("utf-8"))
+            except GutenbergError:
+                failed.append(entry.id)    # retries exhausted for this one book: the others may still come
+                continue
+            write_atomic(book, text.encode("utf-8"))
             downloaded += 1
         total += book.stat().st_size
+    if failed and not total:
+        raise GutenbergError(f"no book could be downloaded from {base_url} ({len(failed)} failed after {retries + 1} "
+                             "attempts each). Fix: check the network (Kaggle: Settings > Internet on), or use a "
+                             "local corpus with corpus_source='local' and corpus_dir=<folder of .txt files>.")
     log(f"Gutenberg ({language}): {len(list(books_dir.glob('*.txt')))} books, {total / 1e6:.1f} MB "
-        f"in {books_dir} ({downloaded} downloaded now, {len(missing)} without a UTF-8 plain-text file)")
+        f"in {books_dir} ({downloaded} downloaded now, {len(missing)} without a UTF-8 plain-text file"
+        + (f", {len(failed)} failed after retries and left for a re-run: {failed[:10]}" if failed else "") + ")")
     if total < target:
         log(f"note: the catalog holds only {total / 1e6:.1f} MB of {language!r} text, "
             f"below the {target_mb} MB asked for")

@@ -5,8 +5,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, changed_settings, make_config
-from .env import default_run_dir, platform
+from .config import Config, changed_settings, make_config, parse_overrides_value
+from .env import REPO, default_run_dir, platform
+from .files import check_writable
 
 
 @dataclass
@@ -32,21 +33,33 @@ def resolve_preset(preset: str) -> tuple[str, str]:
     return chosen, f"auto: {why}"
 
 
+def _shown_run_dir(path: Path) -> str:
+    """The run directory as the report shows it: relative to the working directory or the clone when
+    inside one, else its last two parts (a report never carries a machine's absolute paths)."""
+    for base in (Path.cwd(), REPO):
+        try:
+            return path.resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            pass
+    return f".../{path.parent.name}/{path.name}"
+
+
 def setup(preset: str, overrides: dict | None = None, run_dir: str = "", **extra) -> NotebookRun:
     """Validate the parameters before any work, make the run directory, print what will run.
 
-    `extra` holds notebook parameters that are also settings (seed, split_method, max_steps...);
-    a value of None or "" leaves the preset's value.
+    `overrides` is a mapping or its JSON/YAML text; `extra` holds notebook parameters that are also
+    settings (seed, split_method, max_steps...), where None or "" leaves the preset's value.
     """
     preset, why = resolve_preset(preset)
-    values = {**(overrides or {}), **{k: v for k, v in extra.items() if v not in (None, "")}}
-    if values.get("max_steps") == 0 and "max_steps" not in (overrides or {}):
+    overrides = parse_overrides_value(overrides)
+    values = {**overrides, **{k: v for k, v in extra.items() if v not in (None, "")}}
+    if values.get("max_steps") == 0 and "max_steps" not in overrides:
         values.pop("max_steps")   # 0 in a notebook's parameters means "the preset's value"
     cfg = make_config(preset, values)
     path = Path(run_dir) if run_dir else default_run_dir(preset)
-    path.mkdir(parents=True, exist_ok=True)
+    check_writable(path)          # a read-only folder (a Kaggle input dataset) fails here, in one line
     changed = changed_settings(cfg)
     print(f"platform: {platform()} | preset: {preset} ({why}) | changed settings: "
           f"{json.dumps(changed) if changed else 'none'}")
-    print(f"run directory: {path.resolve()}")
+    print(f"run directory: {_shown_run_dir(path)}")
     return NotebookRun(cfg, path)

@@ -23,6 +23,8 @@ from pathlib import Path
 from .config import ConfigError, make_config, parse_overrides, PRESETS
 from .device import DeviceError, resolve_device
 from .env import NOTEBOOK_DIR, default_run_dir
+from .files import StorageError, check_writable, write_atomic
+from .lock import RunLocked, folder_lock
 from .notebook import resolve_preset
 
 NOTEBOOKS = ("01_data_prep", "02_gpt2_baseline", "03_moe_gqa", "04_compare_and_report")
@@ -84,22 +86,33 @@ def _kernel_manager_class(kernel_log: Path, interrupts: Interrupts):
     return PipelineKernelManager
 
 
+def _images_with_alt_text(nb) -> None:
+    """A PNG output whose metadata carries alt text (`figures.show`) becomes an <img alt=...>: the
+    lab template nbconvert uses writes no alt attribute of its own."""
+    import html as html_lib
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            alt = out.get("metadata", {}).get("image/png", {}).get("alt") or out.get("metadata", {}).get("alt")
+            if alt and "image/png" in out.get("data", {}):
+                img = f'<img src="data:image/png;base64,{out.data["image/png"].strip()}" alt="{html_lib.escape(alt)}">'
+                out.data = {"text/html": img}
+                out.metadata = {}
+
+
 def render_html(notebook: Path, html: Path) -> Path:
+    """The executed notebook as a report: no parameters cells (a settings line says what ran), no
+    set-up cell, figures with their alt text, no prompts."""
     import nbformat
     from nbconvert import HTMLExporter
     nb = nbformat.read(notebook, as_version=4)
-    # The report shows the parameters papermill injected (the run's real values); the defaults
-    # cell and the import-path boilerplate would only repeat or distract.
-    injected = any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
-    hidden = {"remove_cell"} | ({"parameters"} if injected else set())
+    hidden = {"remove_cell", "parameters", "injected-parameters"}
     nb.cells = [c for c in nb.cells if not hidden & set(c.metadata.get("tags", []))]
+    _images_with_alt_text(nb)
     exporter = HTMLExporter()
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
     body, _ = exporter.from_notebook_node(nb)
-    html.parent.mkdir(parents=True, exist_ok=True)
-    html.write_text(body, encoding="utf-8")
-    return html
+    return write_atomic(html, body)
 
 
 def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True, kernel: str = "python3",
@@ -115,7 +128,7 @@ def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True
     out = Path(out).resolve()
     params = {**params, "run_dir": str(out)}
     reports = []
-    with Interrupts() as interrupts:
+    with folder_lock(out, "a pipeline run", "pipeline"), Interrupts() as interrupts:
         for name in notebooks:
             src = NOTEBOOK_DIR / f"{name}.ipynb"
             executed = out / "notebooks" / f"{name}.ipynb"
@@ -125,21 +138,30 @@ def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True
             log(f"[pipeline] {name}: running")
             t0 = time.perf_counter()
             quiet = {} if verbose else {"kernel_manager_class": _kernel_manager_class(kernel_log, interrupts)}
+            # papermill saves as it goes; the final name only when done (papermill wants .ipynb)
+            partial = executed.with_name(f".{executed.stem}.{os.getpid()}.partial.ipynb")
             try:
-                pm.execute_notebook(str(src), str(executed), parameters=params, kernel_name=kernel,
+                pm.execute_notebook(str(src), str(partial), parameters=params, kernel_name=kernel,
                                     cwd=str(src.parent), progress_bar=False, log_output=False,
                                     stdout_file=sys.stdout, stderr_file=sys.stderr, **quiet)
             except PapermillExecutionError as e:
+                os.replace(partial, executed)
                 if html:
                     render_html(executed, out / "reports" / f"{name}.html")
-                if interrupts.hit or e.ename == "KeyboardInterrupt":
+                if interrupts.hit or e.ename in ("KeyboardInterrupt", "TrainingInterrupted"):
                     raise PipelineInterrupted(f"{name} was interrupted" + (f": {e.evalue}" if e.evalue else "")) from None
                 raise PipelineError(
                     f"notebook {name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
                     f"{e.ename}: {e.evalue}\nThe executed notebook, with the outputs up to the error, is "
                     f"{executed}. Fix the cause and re-run the same command: finished work is reused.") from None
+            except Exception as e:        # the kernel died (killed, out of memory) or could not start
+                if partial.exists():
+                    os.replace(partial, executed)
+                raise PipelineError(f"notebook {name} stopped: {type(e).__name__}: {e}. Re-run the same "
+                                    "command: finished work is reused.") from None
             finally:
                 interrupts.kernel_pgid = None
+            os.replace(partial, executed)
             log(f"[pipeline] {name}: done in {time.perf_counter() - t0:.1f} s")
             if html:
                 reports.append(render_html(executed, out / "reports" / f"{name}.html"))
@@ -166,8 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--corpus-dir", default="", help="folder of .txt files (default: LLM_CORPUS_DIR, a Kaggle "
                    "input dataset, or ../shared/corpus/pt-literature)")
     p.add_argument("--gutenberg-mb", type=float, default=50.0, help="MB of text to download from Gutenberg")
-    p.add_argument("--split-method", default="proportional", choices=["proportional", "documents"])
-    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--split-method", default=None, choices=["proportional", "documents"],
+                   help="proportional (the preset's, as in the study) or documents")
+    p.add_argument("--seed", type=int, default=None, help="the preset's seed (123) unless given")
     p.add_argument("--max-steps", type=int, default=0, help="cap on training steps (0: the preset's value)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set batch_size=16 --set dtype=float16 (repeatable)")
@@ -189,8 +212,10 @@ def main(argv=None) -> int:
         print(f"[pipeline] preset: {preset} ({why}); choose another with --preset paper, small or smoke")
     try:
         overrides = parse_overrides(args.set)
-        cfg = make_config(preset, overrides, seed=args.seed, split_method=args.split_method,
-                          **({"max_steps": args.max_steps} if args.max_steps else {}))   # fail before any work
+        # Only the flags given: a default must not silently win over the same setting in --set.
+        flags = {k: v for k, v in (("seed", args.seed), ("split_method", args.split_method),
+                                   ("max_steps", args.max_steps or None)) if v is not None}
+        cfg = make_config(preset, {**overrides, **flags})   # fail before any work
         resolve_device(cfg.device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -202,6 +227,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else default_run_dir(preset)
+    try:
+        check_writable(out)
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     params = dict(preset=preset, overrides=overrides, corpus_source=args.source, corpus_dir=args.corpus_dir,
                   gutenberg_target_mb=args.gutenberg_mb, split_method=args.split_method, seed=args.seed,
                   allow_undecodable=args.allow_undecodable, wandb_mode=args.wandb_mode,
@@ -218,6 +248,9 @@ def main(argv=None) -> int:
         print(f"\n[pipeline] stopped at once (second Ctrl-C): work since the last checkpoint is lost. "
               f"To continue from it: {resume_command(argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except RunLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except PipelineError as e:
         print(f"\n[pipeline] FAILED: {e}", file=sys.stderr)
         return 1

@@ -74,3 +74,8 @@ def encode(text: str) -> list[int]:
 
 def decode(ids) -> str:
     return get_tokenizer().decode([int(i) for i in ids])
+
+
+def pieces(text: str) -> list[str]:
+    """How the BPE cuts `text`: the text of each token, in order."""
+    return [decode([i]) for i in encode(text)]

@@ -7,7 +7,14 @@ one-line message; training carries on.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
+
+from .files import shown
+
+REACH_TIMEOUT_S = 3.0
+_reachable: dict = {}      # (host, port) -> "" if reachable, else why not: asked once per process
 
 
 class Tracker:
@@ -59,6 +66,21 @@ def _has_api_key() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def wandb_unreachable() -> str:
+    """Why the W&B server cannot be reached ("" when it can): one TCP connection, a few seconds at
+    most, once per process. Without it an online run with no network waits about a minute in
+    wandb.init (twice per pipeline) before giving up."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    if (host, port) not in _reachable:
+        try:
+            socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+            _reachable[host, port] = ""
+        except OSError as e:
+            _reachable[host, port] = f"{host}:{port} cannot be reached ({e.strerror or type(e).__name__})"
+    return _reachable[host, port]
+
+
 def init_tracking(cfg, run_dir: str | Path, name: str, mode: str | None = None) -> Tracker:
     mode = os.environ.get("WANDB_MODE") or mode or cfg.wandb_mode
     if mode in ("disabled", "off"):
@@ -70,9 +92,12 @@ def init_tracking(cfg, run_dir: str | Path, name: str, mode: str | None = None) 
     note = ""
     if mode == "online" and not _has_api_key():
         mode, note = "offline", " (no API key found: logging offline; `wandb sync` uploads it later)"
+    elif mode == "online" and (why := wandb_unreachable()):
+        mode, note = "offline", (f" ({why}: no network? On Kaggle: Settings > Internet on. Logging offline; "
+                                 "`wandb sync` uploads it later)")
     wandb_dir = Path(run_dir)   # wandb writes its files into <dir>/wandb
     wandb_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
         run = wandb.init(project=cfg.wandb_project, name=f"{name}-{Path(run_dir).name}", dir=str(wandb_dir),
@@ -81,5 +106,5 @@ def init_tracking(cfg, run_dir: str | Path, name: str, mode: str | None = None) 
                                                  init_timeout=float(os.environ["WANDB_INIT_TIMEOUT"])))
     except Exception as e:
         return Tracker(message=f"W&B: could not start ({type(e).__name__}: {e}); tracking off, the run goes on")
-    where = run.dir if mode == "offline" else getattr(run, "url", "")
+    where = shown(Path(run.dir).parent, run_dir) if mode == "offline" else getattr(run, "url", "")
     return Tracker(run, mode, f"W&B: {mode}{note} -> {where}")

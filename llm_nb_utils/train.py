@@ -1,15 +1,17 @@
 """Training, evaluation and checkpointing: one engine for both models.
 
 `train_model("gpt2" | "moe_gqa", cfg, run_dir)` trains on `<run_dir>/data`, evaluates every
-`eval_freq` steps, checkpoints every `checkpoint_every` steps and at each epoch end, and writes
-`<run_dir>/metrics/<model>.json` plus sample generations. With `resume=True` (the default) it
-continues from the latest checkpoint, or just reloads a finished run.
+`eval_freq` steps (and at the last step), checkpoints every `checkpoint_every` steps and at each
+epoch end, and writes `<run_dir>/metrics/<model>.json` plus sample generations. With
+`resume=True` (the default) it continues from the latest readable checkpoint, or just reloads a
+finished run. One process at a time trains a model in a run directory (a lock says who).
+
+`Trainer` holds one run's pieces (data, model, optimizer, schedule, state) and its parts: `restore`,
+`train` (the loop), `evaluate_now`, `save`, `finish`.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -21,14 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .accounting import model_summary
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .accounting import bits_per_byte, model_summary
+from .checkpoint import CheckpointError, checkpoint_bytes, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import load_splits, make_dataloader
+from .errors import SuiteError, TrainingInterrupted
+from .files import DamagedFileError, StorageError, check_writable, free_bytes, read_json, shown, write_json
+from .lock import folder_lock
 from .device import (Precision, maybe_compile, peak_memory, reset_peak_memory, resolve_device,
                      resolve_precision, synchronize)
 from .generate import sample_generations
 from .models import build_model
+from .prepare import load_meta
 from .progress import TrainingProgress
 from .tracking import init_tracking
 
@@ -37,11 +43,11 @@ THROUGHPUT_DEFINITION = ("training tokens processed / wall-clock seconds spent i
 TRAIN_TIME_DEFINITION = "wall-clock seconds of the training loop, periodic evaluation and checkpoints included"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(SuiteError, FloatingPointError):
     pass
 
 
-class ResumeError(RuntimeError):
+class ResumeError(SuiteError, RuntimeError):
     pass
 
 
@@ -161,6 +167,12 @@ def _check_compatible(saved: dict, cfg: Config, path: Path) -> None:
                           "(the old checkpoints are kept aside).")
 
 
+def _shares(expert_counts: list) -> list[list[float]]:
+    """(layers x experts) share of each layer's assignments, from per-batch count tensors."""
+    counts = torch.stack(expert_counts).sum(0).double()
+    return (counts / counts.sum(-1, keepdim=True)).tolist()
+
+
 def _find_first_nonfinite(pending: list) -> int | None:
     if not pending:
         return None
@@ -169,201 +181,309 @@ def _find_first_nonfinite(pending: list) -> int | None:
     return pending[int(bad[0])][0] if len(bad) else None
 
 
-def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True, progress: bool = True,
-                wandb_mode: str | None = None, log=print, progress_interval_s: float = 60.0) -> dict:
-    """Train `name` and return its metrics dict (also written to `<run_dir>/metrics/<name>.json`)."""
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints" / name
-    prec = resolve_precision(cfg.dtype, resolve_device(cfg.device), cfg.force_dtype)
-    log(f"{name}: device {prec.device_name}, precision {prec.dtype}" + (f" ({prec.note})" if prec.note else ""))
+def planned_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Optimizer steps the run will take: max_epochs epochs, capped by max_steps."""
+    total = cfg.max_epochs * steps_per_epoch
+    return min(total, cfg.max_steps) if cfg.max_steps else total
 
-    loaders = load_splits(run_dir / "data", cfg, pin_memory=prec.device.type == "cuda")
-    train_loader = loaders["train"]
-    train_eval_loader = make_dataloader(train_loader.dataset, cfg.batch_size, shuffle=False)
-    model = build_model(name, cfg).to(prec.device)
-    summary = model_summary(model)
-    optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.max_epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, total_steps))
-    scaler = torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler)
-    state = TrainState()
 
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None and not resume:
-        aside = ckpt_dir.with_name(f"{name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(str(ckpt_dir), aside)
-        log(f"resume=False: previous checkpoints moved to {aside}")
-        latest = None
-    if latest is not None:
-        ck = load_checkpoint(latest, map_location=prec.device)
-        _check_compatible(ck["config"], cfg, latest)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
+def data_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
+    """What makes a run's numbers mean less than they seem: too few steps for what was asked."""
+    total = planned_steps(cfg, steps_per_epoch)
+    notes = []
+    if cfg.max_steps and total < cfg.max_steps:
+        notes.append(f"the training data gives only {total:,} steps ({steps_per_epoch:,} batches per epoch x "
+                     f"{cfg.max_epochs} epoch(s)), fewer than the max_steps={cfg.max_steps:,} asked")
+    if total < cfg.eval_freq:
+        notes.append(f"no periodic evaluation: {total:,} steps, fewer than eval_freq={cfg.eval_freq}, so the "
+                     "loss curves hold only the final step")
+    if total < 100:
+        notes.append(f"only {total:,} training steps: the losses say that the pipeline runs, nothing about "
+                     "the models")
+    return notes
+
+
+class Trainer:
+    """One model's training run in one run directory."""
+
+    def __init__(self, name: str, cfg: Config, run_dir: Path, log=print):
+        self.name, self.cfg, self.run_dir, self.log = name, cfg, Path(run_dir), log
+        self.ckpt_dir = self.run_dir / "checkpoints" / name
+        self.prec = resolve_precision(cfg.dtype, resolve_device(cfg.device), cfg.force_dtype)
+        log(f"{name}: device {self.prec.device_name}, precision {self.prec.dtype}"
+            + (f" ({self.prec.note})" if self.prec.note else ""))
+        self.loaders = load_splits(self.run_dir / "data", cfg, pin_memory=self.prec.device.type == "cuda")
+        self.train_loader = self.loaders["train"]
+        self.train_eval_loader = make_dataloader(self.train_loader.dataset, cfg.batch_size, shuffle=False)
+        self.model = build_model(name, cfg).to(self.prec.device)
+        self.summary = model_summary(self.model)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = planned_steps(cfg, self.steps_per_epoch)
+        self.warnings = data_warnings(cfg, self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg, self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.prec.device.type, enabled=self.prec.use_grad_scaler)
+        self.state = TrainState()
+        self.pending: list = []        # (step, loss tensor) not yet checked on the host: no sync per step
+        self.segment_start = 0.0       # start of the current stretch of training steps (for throughput)
+        self.forward_model = self.model
+        self.needed_bytes: int | None = None   # disk the checkpoints need, once check_space has run
+        self.loop_start = 0.0                   # perf_counter at which the loop would have started (resume included)
+
+    # --- restore -------------------------------------------------------------------------------
+    def restore(self, resume: bool) -> None:
+        """Continue from the newest readable checkpoint; a damaged one is moved aside, saying so."""
+        # Holding the lock, any temporary file here is a dead writer's: a save killed half-way.
+        for tmp in self.ckpt_dir.glob(".step_*.tmp") if self.ckpt_dir.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+        found = list_checkpoints(self.ckpt_dir)
+        if found and not resume:
+            aside = self.ckpt_dir.with_name(f"{self.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(self.ckpt_dir), aside)
+            self.log(f"resume=False: previous checkpoints moved to {shown(aside, self.run_dir)}")
+            return
+        for path in reversed(found):
+            try:
+                ck = load_checkpoint(path, map_location=self.prec.device)
+            except CheckpointError as e:
+                aside = path.with_name(path.name + ".damaged")
+                path.rename(aside)
+                self.log(f"warning: {e.reason}; it is moved to {aside.name} and the run resumes from the "
+                         "checkpoint before it")
+                continue
+            self._load(ck, path)
+            return
+
+    def _load(self, ck: dict, path: Path) -> None:
+        _check_compatible(ck["config"], self.cfg, path)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
         _set_rng_state(ck["rng"])
-        state = TrainState(**ck["state"])
+        s = self.state = TrainState(**ck["state"])
         # A finished run is extended when max_epochs / max_steps now allow more steps.
-        state.finished = state.epoch >= cfg.max_epochs or bool(cfg.max_steps and state.step >= cfg.max_steps)
-        log(f"resumed from {latest} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
+        s.finished = s.epoch >= self.cfg.max_epochs or bool(self.cfg.max_steps and s.step >= self.cfg.max_steps)
+        self.log(f"resumed from {shown(path, self.run_dir)} (step {s.step}, epoch {s.epoch}, batch {s.batch_in_epoch})")
 
-    metrics_path = run_dir / "metrics" / f"{name}.json"
-    if state.finished and metrics_path.exists():
-        log(f"{name} already trained ({state.step} steps): reusing {metrics_path}")
-        return {**load_metrics(run_dir, name), "model": model}
+    def reusable_metrics(self) -> dict | None:
+        """The metrics of a finished run, unless missing or damaged (then they are recomputed)."""
+        if not self.state.finished or not (self.run_dir / "metrics" / f"{self.name}.json").exists():
+            return None
+        try:
+            return load_metrics(self.run_dir, self.name)
+        except DamagedFileError as e:
+            self.log(f"warning: {str(e).split(' Fix:')[0]}; it is rebuilt from the final checkpoint")
+            return None
 
-    forward_model = maybe_compile(model, cfg.compile, prec.device, log)
-    tracker = init_tracking(cfg, run_dir, name, wandb_mode)
-    log(tracker.message)
+    # --- disk ------------------------------------------------------------------------------------
+    def check_space(self) -> int:
+        """Fail now, not at the first checkpoint hours later, where checkpoints cannot be written."""
+        check_writable(self.ckpt_dir)
+        needed = self.needed_bytes = (self.cfg.keep_checkpoints + 1) * checkpoint_bytes(self.model)   # +1: being written
+        free = free_bytes(self.ckpt_dir)
+        if free < needed:
+            raise StorageError(28, f"{self.ckpt_dir} has {free / 1e9:.2f} GB free, and {self.name}'s checkpoints "
+                                   f"need about {needed / 1e9:.2f} GB ({self.cfg.keep_checkpoints} kept + 1 being "
+                                   "written). Fix: free some space there, lower keep_checkpoints, or choose "
+                                   "another run_dir")
+        return needed
 
-    def checkpoint(reason: str) -> Path:
-        path = save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                "rng": _rng_state(), "state": vars(state), "config": cfg.to_dict(),
-                                "model_name": name, "reason": reason}, ckpt_dir, state.step, cfg.keep_checkpoints)
-        if cfg.wandb_log_checkpoints:
-            tracker.log_checkpoint(path, f"{name}-checkpoint")
+    def save(self, reason: str) -> Path:
+        path = save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                                "rng": _rng_state(), "state": vars(self.state), "config": self.cfg.to_dict(),
+                                "model_name": self.name, "reason": reason},
+                               self.ckpt_dir, self.state.step, self.cfg.keep_checkpoints, self.needed_bytes)
+        if self.cfg.wandb_log_checkpoints:
+            self.tracker.log_checkpoint(path, f"{self.name}-checkpoint")
         return path
 
-    pending: list = []   # (step, loss tensor) not yet checked on the host: no sync per step
+    # --- the loop --------------------------------------------------------------------------------
+    def tokens_per_s(self) -> float:
+        s = self.state
+        return s.tokens_seen / s.step_time_s if s.step_time_s else 0.0
 
-    def check_finite():
-        bad = _find_first_nonfinite(pending)
-        pending.clear()
+    def close_segment(self) -> None:
+        """Add the stretch of training steps since `segment_start` to the step time."""
+        synchronize(self.prec.device)
+        self.state.step_time_s += time.perf_counter() - self.segment_start
+
+    def check_finite(self) -> None:
+        bad = _find_first_nonfinite(self.pending)
+        self.pending.clear()
         if bad is not None:
-            last = latest_checkpoint(ckpt_dir)
+            last = list_checkpoints(self.ckpt_dir)
             raise NonFiniteLossError(
-                f"{name}: the training loss became non-finite at step {bad}. The last good checkpoint "
-                f"is {last or 'none (no checkpoint yet)'}. Fix: lower lr (now {cfg.lr}), keep grad_clip "
-                "on, or use float32 / bfloat16 instead of float16; then resume.")
+                f"{self.name}: the training loss became non-finite at step {bad}. The last good checkpoint "
+                f"is {last[-1] if last else 'none (no checkpoint yet)'}. Fix: lower lr (now {self.cfg.lr}), keep "
+                "grad_clip on, or use float32 / bfloat16 instead of float16; then resume.")
 
-    reset_peak_memory(prec.device)
-    # A bar in interactive runs; in batch runs (progress=False) a line every progress_interval_s.
-    ui = TrainingProgress(name, total_steps, state.step, cfg.batch_size * cfg.context_length, bar=progress,
-                          log=log, interval_s=progress_interval_s)
-    model.train()
-    loop_start = time.perf_counter() - state.train_time_s
-    segment_start = time.perf_counter()
-    step_time_before = state.step_time_s
+    def evaluate_now(self, last_aux: torch.Tensor | None, verbose: bool) -> None:
+        """Train and validation loss on `eval_iter` batches, into the history and the tracker.
 
-    def close_segment():
-        nonlocal step_time_before
-        synchronize(prec.device)
-        state.step_time_s = step_time_before + time.perf_counter() - segment_start
-        step_time_before = state.step_time_s
+        Each point also keeps the loop's wall clock so far (curves against time, not only tokens)
+        and, for the MoE, each layer's share of assignments per expert on the validation batches
+        (utilisation over training, not only at the end)."""
+        s, cfg = self.state, self.cfg
+        self.close_segment()
+        train_loss = evaluate(self.model, self.train_eval_loader, self.prec, cfg.eval_iter)
+        counts: list = []
+        val_loss = evaluate(self.model, self.loaders["val"], self.prec, cfg.eval_iter, counts)
+        point = {"step": s.step, "tokens_seen": s.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
+                 "time_s": round(time.perf_counter() - self.loop_start, 3)}
+        if counts:
+            point["expert_share"] = _shares(counts)
+        s.history.append(point)
+        self.tracker.log({"train/loss": train_loss, "val/loss": val_loss,
+                          "train/aux_loss": last_aux.item() if last_aux is not None else 0.0,
+                          "lr": self.scheduler.get_last_lr()[0], "tokens_seen": s.tokens_seen,
+                          "tokens_per_s": self.tokens_per_s(),
+                          "peak_memory_mb": peak_memory(self.prec.device)[0]}, step=s.step)
+        if verbose:
+            self.log(f"{self.name} step {s.step:>6}/{self.total_steps} | train {train_loss:.3f} | val "
+                     f"{val_loss:.3f} | {self.tokens_per_s():,.0f} tokens/s")
+        self.segment_start = time.perf_counter()
 
-    def tokens_per_s() -> float:
-        return state.tokens_seen / state.step_time_s if state.step_time_s else 0.0
+    def checkpoint_now(self, reason: str, loop_start: float) -> Path:
+        """Between two steps: close the timing, check the losses, record time and memory, save."""
+        s = self.state
+        self.close_segment()
+        self.check_finite()
+        s.train_time_s = time.perf_counter() - loop_start
+        s.peak_memory_mb = max(s.peak_memory_mb, peak_memory(self.prec.device)[0])
+        path = self.save(reason)
+        self.segment_start = time.perf_counter()
+        return path
 
-    stop = False
-    with _deferred_interrupt() as interrupt:
-        while not state.finished:
-            train_loader.batch_sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            for x, y in train_loader:
-                out = training_step(forward_model, x, y, optimizer, scaler, prec, cfg)
-                scheduler.step()
-                state.step += 1
-                state.batch_in_epoch += 1
-                state.tokens_seen += y.numel()
-                pending.append((state.step, out.loss.detach()))
-                last_aux = out.aux_loss.detach()
+    def train(self, ui: TrainingProgress, verbose: bool) -> None:
+        s, cfg = self.state, self.cfg
+        self.model.train()
+        loop_start = self.loop_start = time.perf_counter() - s.train_time_s
+        self.segment_start = time.perf_counter()
+        last_aux = None
+        stop = False
+        with _deferred_interrupt() as interrupt:
+            while not s.finished:
+                self.train_loader.batch_sampler.set_epoch(s.epoch, s.batch_in_epoch)
+                for x, y in self.train_loader:
+                    out = training_step(self.forward_model, x, y, self.optimizer, self.scaler, self.prec, cfg)
+                    self.scheduler.step()
+                    s.step += 1
+                    s.batch_in_epoch += 1
+                    s.tokens_seen += y.numel()
+                    self.pending.append((s.step, out.loss.detach()))
+                    last_aux = out.aux_loss.detach()
 
-                at_eval = state.step % cfg.eval_freq == 0
-                at_ckpt = state.step % cfg.checkpoint_every == 0
-                if state.step % cfg.log_every == 0 or at_eval or at_ckpt or interrupt["hit"]:
-                    last_loss = pending[-1][1].item()
-                    check_finite()
-                    ui.update(state.step, last_loss, scheduler.get_last_lr()[0])
-                if at_eval:
-                    close_segment()
-                    train_loss = evaluate(model, train_eval_loader, prec, cfg.eval_iter)
-                    val_loss = evaluate(model, loaders["val"], prec, cfg.eval_iter)
-                    state.history.append({"step": state.step, "tokens_seen": state.tokens_seen,
-                                          "train_loss": train_loss, "val_loss": val_loss})
-                    tracker.log({"train/loss": train_loss, "val/loss": val_loss, "train/aux_loss": last_aux.item(),
-                                 "lr": scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen,
-                                 "tokens_per_s": tokens_per_s(),
-                                 "peak_memory_mb": peak_memory(prec.device)[0]}, step=state.step)
-                    if not progress:
-                        log(f"{name} step {state.step:>6}/{total_steps} | train {train_loss:.3f} | val "
-                            f"{val_loss:.3f} | {tokens_per_s():,.0f} tokens/s")
-                    segment_start = time.perf_counter()
-                if cfg.max_steps and state.step >= cfg.max_steps:
-                    stop = True
-                    break
-                if at_ckpt or interrupt["hit"]:
-                    close_segment()
-                    check_finite()
-                    state.train_time_s = time.perf_counter() - loop_start
-                    state.peak_memory_mb = max(state.peak_memory_mb, peak_memory(prec.device)[0])
-                    path = checkpoint("interrupt" if interrupt["hit"] else "periodic")
-                    if interrupt["hit"]:
-                        ui.close()
-                        tracker.finish()
-                        raise KeyboardInterrupt(f"{name}: interrupted at step {state.step}; state saved to "
-                                                f"{path}. Run again with resume=True to continue.")
-                    segment_start = time.perf_counter()
-            else:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-            close_segment()
-            check_finite()
-            state.train_time_s = time.perf_counter() - loop_start
-            state.peak_memory_mb = max(state.peak_memory_mb, peak_memory(prec.device)[0])
-            state.finished = stop or state.epoch >= cfg.max_epochs
-            checkpoint("end" if state.finished else "epoch")
-            segment_start = time.perf_counter()
-    ui.close()
+                    at_eval = s.step % cfg.eval_freq == 0
+                    at_ckpt = s.step % cfg.checkpoint_every == 0
+                    if s.step % cfg.log_every == 0 or at_eval or at_ckpt or interrupt["hit"]:
+                        loss = self.pending[-1][1].item()
+                        self.check_finite()
+                        ui.update(s.step, loss, self.scheduler.get_last_lr()[0])
+                    if at_eval:
+                        self.evaluate_now(last_aux, verbose)
+                    if cfg.max_steps and s.step >= cfg.max_steps:
+                        stop = True
+                        break
+                    if at_ckpt or interrupt["hit"]:
+                        path = self.checkpoint_now("interrupt" if interrupt["hit"] else "periodic", loop_start)
+                        if interrupt["hit"]:
+                            raise TrainingInterrupted(f"{self.name}: interrupted at step {s.step}; state saved to "
+                                                      f"{shown(path, self.run_dir)} in the run directory. Run "
+                                                      "again with resume=True to continue.")
+                else:
+                    s.epoch += 1
+                    s.batch_in_epoch = 0
+                s.finished = stop or s.epoch >= cfg.max_epochs
+                if s.finished and (not s.history or s.history[-1]["step"] != s.step):
+                    self.evaluate_now(last_aux, verbose)     # the curves end where training ended
+                self.checkpoint_now("end" if s.finished else "epoch", loop_start)
 
-    expert_counts: list = []
-    test_loss = evaluate(model, loaders["test"], prec, cfg.test_batches or None, expert_counts)
-    peak, peak_kind = peak_memory(prec.device)
-    metrics = {
-        "model": name, "test_loss": test_loss, "test_perplexity": math.exp(test_loss),
-        "train_time_s": state.train_time_s, "tokens_per_s": tokens_per_s(),
-        "peak_memory_mb": max(peak, state.peak_memory_mb), "peak_memory_kind": peak_kind,
-        **summary, "tokens_seen": state.tokens_seen, "steps": state.step, "epochs_completed": state.epoch,
-        "device": prec.device.type, "device_name": prec.device_name, "dtype": prec.dtype,
-        "dtype_requested": cfg.dtype, "precision_note": prec.note, "torch_version": torch.__version__,
-        "achieved_tflops": summary["flops_per_token"] * tokens_per_s() / 1e12,
-        "throughput_definition": THROUGHPUT_DEFINITION, "train_time_definition": TRAIN_TIME_DEFINITION,
-        "preset": cfg.preset, "config": cfg.to_dict(), "history": state.history,
-    }
-    if expert_counts:
-        counts = torch.stack(expert_counts).sum(0).double()
-        metrics["expert_utilisation"] = (counts / counts.sum(-1, keepdim=True)).tolist()
-    metrics["samples"] = sample_generations(model, "lisboa", cfg.sample_max_new_tokens, cfg.seed)
-    write_metrics(metrics, run_dir)
-    tracker.log({"test/loss": test_loss, "test/perplexity": metrics["test_perplexity"]}, step=state.step)
-    tracker.finish({k: metrics[k] for k in ("test_loss", "test_perplexity", "train_time_s", "tokens_per_s",
-                                             "peak_memory_mb")})
-    log(f"{name}: test loss {test_loss:.4f}, perplexity {metrics['test_perplexity']:.2f}, "
-        f"{metrics['tokens_per_s']:,.0f} tokens/s, {metrics['train_time_s']:.1f} s, "
-        f"peak {metrics['peak_memory_mb']:,.0f} MB")
-    return {**metrics, "model": model}
+    # --- the result ------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        s, prec = self.state, self.prec
+        expert_counts: list = []
+        test_loss = evaluate(self.model, self.loaders["test"], prec, self.cfg.test_batches or None, expert_counts)
+        peak, peak_kind = peak_memory(prec.device)
+        metrics = {
+            "model": self.name, "test_loss": test_loss, "test_perplexity": math.exp(test_loss),
+            "train_time_s": s.train_time_s, "tokens_per_s": self.tokens_per_s(),
+            "peak_memory_mb": max(peak, s.peak_memory_mb), "peak_memory_kind": peak_kind,
+            **self.summary, "tokens_seen": s.tokens_seen, "steps": s.step, "epochs_completed": s.epoch,
+            "device": prec.device.type, "device_name": prec.device_name, "dtype": prec.dtype,
+            "dtype_requested": self.cfg.dtype, "precision_note": prec.note, "torch_version": torch.__version__,
+            "achieved_tflops": self.summary["flops_per_token"] * self.tokens_per_s() / 1e12,
+            "throughput_definition": THROUGHPUT_DEFINITION, "train_time_definition": TRAIN_TIME_DEFINITION,
+            "preset": self.cfg.preset, "config": self.cfg.to_dict(), "history": s.history,
+            "warnings": self.warnings,
+        }
+        test_split = load_meta(self.run_dir / "data")["splits"]["test"]
+        if test_split.get("bytes"):
+            metrics["test_bits_per_byte"] = bits_per_byte(test_loss, test_split["tokens"], test_split["bytes"])
+        if expert_counts:
+            metrics["expert_utilisation"] = _shares(expert_counts)
+        metrics["samples"] = sample_generations(self.model, "lisboa", self.cfg.sample_max_new_tokens, self.cfg.seed)
+        write_metrics(metrics, self.run_dir)
+        self.tracker.log({"test/loss": test_loss, "test/perplexity": metrics["test_perplexity"]}, step=s.step)
+        self.tracker.finish({k: metrics[k] for k in ("test_loss", "test_perplexity", "train_time_s",
+                                                     "tokens_per_s", "peak_memory_mb")})
+        self.log(f"{self.name}: test loss {test_loss:.4f}, perplexity {metrics['test_perplexity']:.2f}, "
+                 f"{metrics['tokens_per_s']:,.0f} tokens/s, {metrics['train_time_s']:.1f} s, "
+                 f"peak {metrics['peak_memory_mb']:,.0f} MB")
+        return metrics
+
+
+def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True, progress: bool = True,
+                wandb_mode: str | None = None, log=print, progress_interval_s: float = 60.0) -> dict:
+    """Train `name` and return its metrics dict (also written to `<run_dir>/metrics/<name>.json`),
+    with the trained model under "model". progress=False (batch runs): a progress line every
+    `progress_interval_s` seconds and one per evaluation instead of a bar."""
+    run_dir = Path(run_dir)
+    with folder_lock(run_dir / "checkpoints", f"training {name}", name):
+        t = Trainer(name, cfg, run_dir, log)
+        for note in t.warnings:
+            log(f"warning: {note}")
+        t.restore(resume)
+        reused = t.reusable_metrics()
+        if reused is not None:
+            log(f"{name} already trained ({t.state.step} steps): reusing metrics/{name}.json")
+            return {**reused, "model": t.model}
+        t.check_space()
+        t.forward_model = maybe_compile(t.model, cfg.compile, t.prec.device, log)
+        t.tracker = init_tracking(cfg, run_dir, name, wandb_mode)
+        log(t.tracker.message)
+        reset_peak_memory(t.prec.device)
+        # A bar in interactive runs; in batch runs (progress=False) a line every progress_interval_s.
+        ui = TrainingProgress(name, t.total_steps, t.state.step, cfg.batch_size * cfg.context_length,
+                              bar=progress, log=log, interval_s=progress_interval_s)
+        try:
+            t.train(ui, verbose=not progress)
+        except BaseException:
+            t.tracker.finish()
+            raise
+        finally:
+            ui.close()
+        return {**t.finish(), "model": t.model}
 
 
 def write_metrics(metrics: dict, run_dir: str | Path) -> Path:
+    """metrics/<model>.json and <model>_samples.json, each written whole or not at all."""
     out = Path(run_dir) / "metrics"
-    out.mkdir(parents=True, exist_ok=True)
     name = metrics["model"]
-    path = out / f"{name}.json"
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=1))
-    os.replace(tmp, path)
-    (out / f"{name}_samples.json").write_text(json.dumps(metrics["samples"], indent=1, ensure_ascii=False))
-    return path
+    write_json(out / f"{name}_samples.json", metrics["samples"])
+    return write_json(out / f"{name}.json", {k: v for k, v in metrics.items() if k != "samples"})
 
 
 def load_metrics(run_dir: str | Path, name: str) -> dict:
     path = Path(run_dir) / "metrics" / f"{name}.json"
+    notebook = "02_gpt2_baseline" if name == "gpt2" else "03_moe_gqa"
     if not path.exists():
-        raise FileNotFoundError(f"no metrics for {name} at {path}. Fix: run notebook "
-                                f"{'02_gpt2_baseline' if name == 'gpt2' else '03_moe_gqa'} with this run directory.")
-    metrics = json.loads(path.read_text())
+        raise FileNotFoundError(f"no metrics for {name} at {path}. Fix: run notebook {notebook} with this run "
+                                "directory.")
+    fix = f"run notebook {notebook} again with this run directory: it rebuilds the file from the final checkpoint"
+    metrics = read_json(path, fix)
     samples = path.with_name(f"{name}_samples.json")
-    metrics["samples"] = json.loads(samples.read_text()) if samples.exists() else []
+    metrics["samples"] = read_json(samples, fix) if samples.exists() else []
     return metrics

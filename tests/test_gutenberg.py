@@ -32,9 +32,9 @@ OLDEST = ("*END*THE SMALL PRINT! FOR PUBLIC DOMAIN EBOOKS*Ver.02/11/02*END*\n\n"
 
 class Server:
     def __init__(self):
-        self.hits, self.fail_next, self.truncate_next = [], {}, set()
-        routes = {"/cache/epub/feeds/pg_catalog.csv": CATALOG, "/cache/epub/101/pg101.txt": MODERN,
-                  "/cache/epub/103/pg103.txt": OLDER, "/cache/epub/106/pg106.txt": OLDEST}
+        self.hits, self.fail_next, self.truncate_next, self.fail_code = [], {}, set(), 503
+        self.routes = {"/cache/epub/feeds/pg_catalog.csv": CATALOG, "/cache/epub/101/pg101.txt": MODERN,
+                       "/cache/epub/103/pg103.txt": OLDER, "/cache/epub/106/pg106.txt": OLDEST}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,13 +45,13 @@ class Server:
                 server.hits.append(self.path)
                 if server.fail_next.get(self.path, 0) > 0:
                     server.fail_next[self.path] -= 1
-                    self.send_error(503)
+                    self.send_error(server.fail_code)
                     return
-                body = routes.get(self.path)
+                body = server.routes.get(self.path)
                 if body is None:
                     self.send_error(404)
                     return
-                data = body.encode("utf-8")
+                data = body if isinstance(body, bytes) else body.encode("utf-8")
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -1,5 +1,4 @@
 import math
-import warnings
 
 import pytest
 import torch
@@ -293,14 +292,25 @@ def test_gqa_cache_holds_only_kv_heads_and_chunked_prefill_matches():
     assert torch.allclose(torch.cat([first, second], 1), full, atol=1e-5)
 
 
-def test_generation_stops_at_context_length_with_a_warning():
+@pytest.mark.parametrize("name", NAMES)
+def test_generation_past_the_context_slides_the_window_like_recomputation(name):
+    """Beyond context_length the model sees its last context_length tokens; with the cache rebuilt
+    from that window the tokens are those of recomputing each step without a cache."""
     cfg = tiny()
-    model = build_model("gpt2", cfg)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        out = generate(model, [1, 2, 3], 100)
-    assert out.shape[1] == cfg.context_length
-    assert any("context length" in str(x.message) for x in w)
+    model = build_model(name, cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5))
+    n = 2 * cfg.context_length                        # well past the 32-token context
+    cached = generate(model, prompt, n, use_cache=True)
+    assert cached.shape == (2, 5 + n)
+    reference = prompt
+    with torch.no_grad():                             # by hand: crop, full forward, argmax
+        for _ in range(n):
+            nxt = model.eval()(reference[:, -cfg.context_length:]).logits[:, -1].argmax(-1, keepdim=True)
+            reference = torch.cat([reference, nxt], 1)
+    assert torch.equal(cached, reference)
+    assert torch.equal(generate(model, prompt, n, use_cache=False), reference)
+    long_prompt = torch.randint(0, cfg.vocab_size, (1, cfg.context_length + 7))   # a prompt longer than the context
+    assert generate(model, long_prompt, 3).shape == (1, cfg.context_length + 10)
     with pytest.raises(ValueError, match="empty"):
         generate(model, [], 5)
 

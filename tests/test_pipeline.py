@@ -1,6 +1,8 @@
 """The four notebooks end to end through papermill and nbconvert, on the smoke preset."""
 import ast
 import json
+import math
+import re
 import subprocess
 import sys
 
@@ -10,6 +12,8 @@ import pytest
 
 from llm_nb_utils.pipeline import NOTEBOOKS, main
 from llm_nb_utils.env import REPO
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -40,37 +44,90 @@ def test_the_terminal_shows_the_notebooks_not_papermill_the_kernel_or_asyncio(pi
     assert "without encryption" in (pipeline_proc[0] / "logs" / "02_gpt2_baseline.kernel.log").read_text()
 
 
-def test_pipeline_outputs(pipeline_run):
-    out = pipeline_run
-    t1 = pd.read_csv(out / "table1.csv", index_col=0)
+@pytest.fixture(scope="module")
+def run_metrics(pipeline_run):
+    return {n: json.loads((pipeline_run / "metrics" / f"{n}.json").read_text()) for n in ("gpt2", "moe_gqa")}
+
+
+def test_table1_describes_the_windows_actually_used(pipeline_run):
+    t1 = pd.read_csv(pipeline_run / "table1.csv", index_col=0)
     assert list(t1.columns) == ["train", "validation", "test"]
     assert list(t1.index) == ["words", "samples", "tokens_per_sample", "batch_size", "batches"]
-    assert (t1.loc["tokens_per_sample"] == 32).all() and (t1.loc["samples"] > 0).all()
+    assert (t1.loc["tokens_per_sample"] == 32).all() and (t1.loc["batch_size"] == 4).all()
+    assert t1.loc["batches", "train"] == t1.loc["samples", "train"] // 4       # full batches only
+    meta = json.loads((pipeline_run / "data" / "meta.json").read_text())
+    assert t1.loc["words", "train"] == meta["splits"]["train"]["words"]
 
-    t2 = pd.read_csv(out / "table2.csv", index_col=0)
+
+def test_both_runs_took_the_steps_the_preset_asks_for(run_metrics):
+    for m in run_metrics.values():
+        assert m["steps"] == 30 and m["tokens_seen"] == 30 * 4 * 32          # smoke: 30 steps of 4 x 32
+        assert m["test_perplexity"] == pytest.approx(math.exp(m["test_loss"]))
+        assert [h["step"] for h in m["history"]] == [10, 20, 30]
+
+
+def test_table2_columns_are_the_metrics_files_and_variation_is_signed(pipeline_run, run_metrics):
+    t2 = pd.read_csv(pipeline_run / "table2.csv", index_col=0)
     assert list(t2.columns) == ["gpt2", "moe_gqa", "variation_pct"]
-    for row in ["test_loss", "test_perplexity", "train_time_s", "peak_memory_mb", "tokens_per_s",
-                "total_params", "active_params", "flops_per_token", "tokens_seen"]:
-        assert row in t2.index
-    metrics = {n: json.loads((out / "metrics" / f"{n}.json").read_text()) for n in ("gpt2", "moe_gqa")}
-    assert t2.loc["test_loss", "gpt2"] == pytest.approx(metrics["gpt2"]["test_loss"])
-    g, m = t2.loc["tokens_per_s", "gpt2"], t2.loc["tokens_per_s", "moe_gqa"]
-    assert t2.loc["tokens_per_s", "variation_pct"] == pytest.approx((m - g) / g * 100)
+    rows = ["test_loss", "test_perplexity", "train_time_s", "peak_memory_mb", "tokens_per_s", "test_bits_per_byte",
+            "total_params", "active_params", "flops_per_token", "tokens_seen"]
+    assert list(t2.index) == rows
+    for row in rows:
+        g, m = run_metrics["gpt2"][row], run_metrics["moe_gqa"][row]
+        assert (t2.loc[row, "gpt2"], t2.loc[row, "moe_gqa"]) == (pytest.approx(g), pytest.approx(m)), row
+        assert t2.loc[row, "variation_pct"] == pytest.approx((m - g) / g * 100), row
 
-    for name in NOTEBOOKS:
-        html = (out / "reports" / f"{name}.html").read_text()
-        assert "data:image/png;base64" in html and "<table" in html, name
-        assert "Traceback" not in html and "wandb:" not in html.lower()
-    report = (out / "reports" / "04_compare_and_report.html").read_text()
-    for text in ["Test perplexity", "Variation (%)", "NVIDIA Tesla P100", "lisboa", "Discussion", "smoke",
+
+def test_the_report_shows_the_computed_numbers(pipeline_run, run_metrics):
+    report = (pipeline_run / "reports" / "04_compare_and_report.html").read_text()
+    g, m = run_metrics["gpt2"], run_metrics["moe_gqa"]
+    for text in [f"{g['test_loss']:.4f}", f"{m['test_loss']:.4f}", f"{g['test_perplexity']:.2f}",
+                 f"{(m['test_loss'] - g['test_loss']) / g['test_loss'] * 100:+.1f}%",
+                 f"{m['tokens_per_s']:,.0f}", "NVIDIA Tesla P100", "Discussion", "smoke",
                  "GPT2LMHeadModel: 'lisboa", "Qwen3MoeForCausalLM: 'lisboa"]:
         assert text in report, text
+    better = "MoE-GQA" if m["test_loss"] < g["test_loss"] else "GPT-2"
+    assert f"{better} reaches the lower test loss" in report
+    assert "only 30 training steps" in report                  # the caution beside the numbers
     assert report.count("data:image/png;base64") >= 2          # loss curves + expert utilisation
+
+
+def test_every_report_renders_cleanly(pipeline_run):
+    for name in NOTEBOOKS:
+        html = (pipeline_run / "reports" / f"{name}.html").read_text()
+        assert "data:image/png;base64" in html and "<table" in html, name
+        assert "Traceback" not in html and "wandb:" not in html.lower(), name
+
+
+# What a reader of a report should never meet: reprs of Python objects, the metrics files' raw keys,
+# missing values, and figures without alt text (nbconvert's placeholder for it).
+STRAY = ["PosixPath(", "<Figure size", "Styler at 0x", "IPython.core.display", "object at 0x",
+         "process_peak_rss_mb", "cuda_max_memory_allocated_mb", "tokens_per_sample", "test_perplexity",
+         ">NaN<", ">nan<", "No description has been provided for this image"]
+
+
+def test_reports_have_no_stray_reprs_raw_keys_or_images_without_alt_text(pipeline_run):
+    for name in NOTEBOOKS:
+        html = (pipeline_run / "reports" / f"{name}.html").read_text()
+        for stray in STRAY:
+            assert stray not in html, (name, stray)
+        images = re.findall(r"<img [^>]*>", html)
+        assert images, name
+        for img in images:
+            alt = re.search(r'alt="([^"]*)"', img)
+            assert alt and len(alt.group(1)) > 10, (name, img[:80])
+        assert str(pipeline_run) not in html, name                   # no absolute local paths
+        assert "injected-parameters" not in html and "package_source" not in html, name
+
+
+def test_exports_and_figures_are_written(pipeline_run):
     for name in ("gpt2", "moe_gqa"):
-        assert (out / "hf" / name / "model.safetensors").exists() and (out / "hf" / name / "merges.txt").exists()
+        hf = pipeline_run / "hf" / name
+        assert (hf / "model.safetensors").stat().st_size > 1000 and (hf / "merges.txt").exists()
     for fig in ["loss_curves.png", "gpt2_loss.png", "moe_gqa_loss.png", "moe_expert_utilisation.png",
                 "document_lengths.png"]:
-        assert (out / "figures" / fig).stat().st_size > 1000, fig
+        assert (pipeline_run / "figures" / fig).stat().st_size > 1000, fig
+    assert not [p for p in pipeline_run.rglob(".*.tmp") if "wandb" not in p.parts]   # every atomic write completed
 
 
 def test_rerun_reuses_finished_work(pipeline_run, tiny_corpus):

@@ -1,0 +1,129 @@
+"""The two architectures measured rather than asserted: where the parameters sit, what the KV
+cache costs, where the router sends each token, and what RoPE makes of positions.
+
+The notebooks call these and show their results; the tests check them against hand computations.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from .config import Config
+from .layers import apply_rope, rope_tables
+from .moe import MoEFeedForward
+
+COMPONENTS = ("embeddings", "attention", "feed-forward", "router", "norms", "LM head")
+
+
+def _component(name: str, module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "embeddings"
+    if "router" in name:
+        return "router"
+    if isinstance(module, (nn.LayerNorm,)) or "norm" in name.rsplit(".", 1)[-1]:
+        return "norms"
+    if name == "out_head":
+        return "LM head"
+    if ".attn" in name:
+        return "attention"
+    return "feed-forward"
+
+
+def params_by_component(model: nn.Module) -> pd.Series:
+    """Parameters per component, a tied LM head counted once (under the embeddings)."""
+    counts = dict.fromkeys(COMPONENTS, 0)
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            counts[_component(mod_name, module)] += p.numel()
+    return pd.Series(counts, name="parameters")
+
+
+def kv_cache_bytes(cfg: Config, model_name: str, tokens: int = 1, bytes_per_value: int = 2) -> int:
+    """Bytes of keys and values cached for `tokens` tokens over all layers (fp16/bf16 by default):
+    GPT-2 caches every head, grouped-query attention only its n_kv_groups shared heads."""
+    kv_heads = cfg.n_heads if model_name == "gpt2" else cfg.n_kv_groups
+    return 2 * cfg.n_layers * kv_heads * cfg.head_dim * bytes_per_value * tokens
+
+
+@torch.no_grad()
+def route(model, ids: list[int], layer: int = 0) -> pd.DataFrame:
+    """For each token of `ids`, the experts the router of `layer` chose and their weights."""
+    from .tokenizer import decode
+    moe: MoEFeedForward = model.blocks[layer].moe
+    seen = {}
+    hook = moe.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.tensor([ids], device=next(model.parameters()).device))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    _, experts, weights = moe.route(seen["x"].reshape(-1, seen["x"].shape[-1]))
+    rows = []
+    for i, tok in enumerate(ids):
+        row = {"token": repr(decode([tok]))[1:-1]}
+        for k in range(experts.shape[1]):
+            row[f"expert {k + 1}"] = int(experts[i, k])
+            row[f"weight {k + 1}"] = round(float(weights[i, k]), 3)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def rope_scores(head_dim: int = 8, base: float = 10000.0, pairs=((0, 3), (5, 8), (20, 23), (0, 10))) -> pd.DataFrame:
+    """q.k after rotary embedding for the same q and k vectors placed at several (m, n) positions:
+    the score depends only on the distance n - m."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, head_dim, generator=g)
+    k = torch.randn(1, 1, 1, head_dim, generator=g)
+    cos, sin = rope_tables(head_dim, max(n for pair in pairs for n in pair) + 1, base)
+    rows = []
+    for m, n in pairs:
+        score = (apply_rope(q, cos, sin, offset=m) * apply_rope(k, cos, sin, offset=n)).sum().item()
+        rows.append({"query position m": m, "key position n": n, "distance n - m": n - m, "q . k": round(score, 4)})
+    return pd.DataFrame(rows)
+
+
+def causal_mask(tokens: list[str]) -> pd.DataFrame:
+    """Which earlier tokens each token may attend to (rows: the query, columns: the keys)."""
+    n = len(tokens)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    labels = [f"{i}: {t}" for i, t in enumerate(tokens)]
+    return pd.DataFrame([["✓" if mask[i, j] else "·" for j in range(n)] for i in range(n)],
+                        index=labels, columns=labels)
+
+
+def architecture(cfg: Config) -> pd.DataFrame:
+    """What the two models share and where they differ, with this configuration's numbers."""
+    g = cfg.n_heads // cfg.n_kv_groups
+    rows = {
+        "positions": ("learned embedding, one vector per position", f"rotary (RoPE, base {cfg.rope_base:g}) on q and k"),
+        "normalisation": ("LayerNorm (mean and variance, with bias)", "RMSNorm (scale only)"),
+        "attention": (f"{cfg.n_heads} heads, each with its own keys and values",
+                      f"{cfg.n_heads} query heads sharing {cfg.n_kv_groups} key/value heads ({g} per group)"),
+        "QK-norm": ("no", "RMSNorm on q and k per head" if cfg.qk_norm else "no"),
+        "feed-forward": (f"one dense MLP {cfg.emb_dim} -> {cfg.hidden_dim} -> {cfg.emb_dim}, GELU",
+                         f"{cfg.num_experts} SwiGLU experts {cfg.emb_dim} -> {cfg.moe_intermediate_size} -> "
+                         f"{cfg.emb_dim}, each token to {cfg.num_experts_per_token}"),
+        "extra loss": ("none", f"load balancing x {cfg.aux_loss_coef:g}"),
+        "shared": (f"width {cfg.emb_dim}, {cfg.n_layers} layers, context {cfg.context_length}, GPT-2 BPE "
+                   f"({cfg.vocab_size:,} tokens), head tied to the embedding", "the same"),
+    }
+    return pd.DataFrame(rows, index=["GPT-2 baseline", "MoE-GQA"]).T
+
+
+def kv_cache_table(cfg: Config, bytes_per_value: int = 2) -> pd.DataFrame:
+    """KV-cache size of both models: per token, at the full context, for a batch of full windows."""
+    rows = {}
+    for name, label in (("gpt2", "GPT-2 baseline (MHA)"), ("moe_gqa", "MoE-GQA (GQA)")):
+        per_token = kv_cache_bytes(cfg, name, 1, bytes_per_value)
+        rows[label] = {"key/value heads per layer": cfg.n_heads if name == "gpt2" else cfg.n_kv_groups,
+                       "bytes per token": f"{per_token:,}",
+                       f"one sequence of {cfg.context_length} tokens": f"{per_token * cfg.context_length / 2**20:.2f} MiB",
+                       f"a batch of {cfg.batch_size}": f"{per_token * cfg.context_length * cfg.batch_size / 2**20:.1f} MiB"}
+    return pd.DataFrame(rows).T

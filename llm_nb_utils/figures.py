@@ -1,0 +1,127 @@
+"""The suite's figures. Each is drawn, saved (whole or not at all), and shown once with its alt text
+and a one-line caption that says what to notice.
+
+`show` displays a PNG with its alt text in the output's metadata; the pipeline's HTML rendering
+writes it into the `<img alt=...>` (nbconvert's template has no place for it), and a figure closed
+after showing leaves no `<Figure ...>` repr behind.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from .files import write_atomic
+
+LABELS = {"gpt2": "GPT-2 baseline", "moe_gqa": "MoE-GQA"}
+COLORS = {"gpt2": "tab:blue", "moe_gqa": "tab:orange"}
+
+
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def show(fig, alt: str, caption: str, path: str | Path | None = None) -> None:
+    """Save `fig` to `path` (if given), display it with `alt` and `caption`, close it."""
+    from IPython.display import Image, Markdown, display
+    data = png_bytes(fig)
+    if path:
+        write_atomic(path, data)
+    plt.close(fig)
+    display(Image(data=data, format="png", metadata={"alt": alt}))
+    display(Markdown(f"*{caption}*"))
+
+
+def loss_curves(metrics: dict[str, dict]):
+    """Validation (solid) and training (dashed) loss of each model against training tokens, against
+    the loop's wall-clock time and against training FLOPs: the same curves, three fair axes when
+    the models differ in speed and in cost per token."""
+    axes_spec = [("tokens", "training tokens (millions)", lambda h, m: h["tokens_seen"] / 1e6),
+                 ("time", "wall-clock time of the training loop (minutes)", lambda h, m: h["time_s"] / 60),
+                 ("flops", "training compute (PFLOP)", lambda h, m: h["tokens_seen"] * m["flops_per_token"] / 1e15)]
+    timed = all(h.get("time_s") is not None for m in metrics.values() for h in m["history"])
+    spec = [a for a in axes_spec if timed or a[0] != "time"]
+    fig, axes = plt.subplots(1, len(spec), figsize=(4.2 * len(spec), 3.6), sharey=True)
+    axes = list(axes) if len(spec) > 1 else [axes]
+    for ax, (_, xlabel, x) in zip(axes, spec):
+        for name, m in metrics.items():
+            hist = m["history"]
+            xs = [x(h, m) for h in hist]
+            ax.plot(xs, [h["val_loss"] for h in hist], color=COLORS[name], marker="." if len(hist) < 4 else None,
+                    label=f"{LABELS[name]} validation")
+            ax.plot(xs, [h["train_loss"] for h in hist], color=COLORS[name], ls="--", alpha=0.6,
+                    label=f"{LABELS[name]} training")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cross-entropy loss (nats per token)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.set_layout_engine("constrained")
+    return fig
+
+
+def expert_share_over_training(history: list[dict], num_experts: int):
+    """Each expert's share of its layer's assignments at every evaluation point (validation batches)."""
+    points = [h for h in history if "expert_share" in h]
+    n_layers = len(points[0]["expert_share"])
+    fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers, 3.0), sharey=True)
+    axes = list(axes) if n_layers > 1 else [axes]
+    steps = [h["step"] for h in points]
+    for layer, ax in enumerate(axes):
+        for e in range(num_experts):
+            ax.plot(steps, [h["expert_share"][layer][e] for h in points], label=f"expert {e}")
+        ax.axhline(1 / num_experts, color="k", ls=":", lw=1)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of assignments")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncol=num_experts, fontsize=8, frameon=False)
+    fig.set_layout_engine("constrained")
+    return fig
+
+
+def expert_utilisation(utilisation: list[list[float]]):
+    """Share of routed tokens per expert in each layer on the test split (dotted: perfect balance)."""
+    n_layers, n_experts = len(utilisation), len(utilisation[0])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / n_experts
+    for e in range(n_experts):
+        ax.bar([l + e * width for l in range(n_layers)], [row[e] for row in utilisation], width,
+               label=f"expert {e}")
+    ax.axhline(1 / n_experts, color="k", ls=":", lw=1)
+    ax.set_xticks([l + 0.4 - width / 2 for l in range(n_layers)], [f"layer {l}" for l in range(n_layers)])
+    ax.set_ylabel("share of assignments")
+    ax.set_ylim(0, max(max(r) for r in utilisation) * 1.3)
+    ax.legend(ncol=n_experts, fontsize=8, loc="upper center", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def document_lengths(meta: dict):
+    words = [f["words"] for f in meta["files"] if f["status"] == "kept"]
+    fig, ax = plt.subplots(figsize=(7, 3.0))
+    ax.hist(words, bins=40, color="tab:green")
+    ax.set_xlabel("words per document")
+    ax.set_ylabel("documents")
+    fig.tight_layout()
+    return fig
+
+
+def parameter_bars(parts: dict):
+    """Parameters per component (millions), one bar group per model; `parts`: model -> pandas Series."""
+    names = list(parts)
+    components = [c for c in next(iter(parts.values())).index if any(p[c] for p in parts.values())]
+    fig, ax = plt.subplots(figsize=(7, 3.0))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(components))], [parts[name][c] / 1e6 for c in components],
+               width, label=LABELS.get(name, name), color=COLORS.get(name))
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(components))], components)
+    ax.set_ylabel("parameters (millions)")
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,383 @@
+"""Tests that protect the README's promises (issue #17). Each would fail if the behaviour it names
+broke; the closing note of the issue lists the mutation tried against each."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import curve
+from llm_nb_utils import checkpoint as ckpt
+from llm_nb_utils import data as data_mod
+from llm_nb_utils import report, tracking
+from llm_nb_utils import train as engine
+from llm_nb_utils.config import PRESETS, Config, make_config, parse_overrides
+from llm_nb_utils.env import REPO
+from llm_nb_utils.models import build_model
+from llm_nb_utils.prepare import prepare_data
+
+quiet = dict(progress=False, log=lambda *_: None, wandb_mode="disabled")
+
+
+@pytest.fixture(autouse=True)
+def no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def cfg(**kw):
+    return make_config("smoke", **{"device": "cpu", "wandb_mode": "disabled", **kw})
+
+
+def fresh(src, dst):
+    shutil.copytree(src / "data", dst / "data")
+    return dst
+
+
+def same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def interrupt_at(step: int):
+    """build_model whose training forward sends this process SIGINT at its `step`-th call."""
+    def build(name, c):
+        model = build_model(name, c)
+        calls = {"n": 0}
+        original = model.forward
+
+        def forward(*a, **k):
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] == step:
+                    os.kill(os.getpid(), signal.SIGINT)
+            return original(*a, **k)
+        model.forward = forward
+        return model
+    return build
+
+
+KILL_AFTER_SAVE = """
+import json, os, signal, sys
+from llm_nb_utils import train
+from llm_nb_utils.config import Config
+real = train.save_checkpoint
+def save(state, d, step, *a, **k):
+    path = real(state, d, step, *a, **k)
+    if state["reason"] == sys.argv[3]:
+        os.kill(os.getpid(), signal.SIGKILL)      # kill -9, right after this checkpoint is on disk
+    return path
+train.save_checkpoint = save
+train.train_model(sys.argv[1], Config(**json.loads(sys.argv[4])), sys.argv[2], progress=False,
+                  wandb_mode="disabled")
+"""
+
+
+def killed_after(name, c, run, reason):
+    """Train in a process of its own that is killed (-9) right after writing its first `reason` checkpoint."""
+    r = subprocess.run([sys.executable, "-c", KILL_AFTER_SAVE, name, str(run), reason, json.dumps(c.to_dict())],
+                       cwd=REPO, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+
+
+# --- 1. resume under the real schedule ------------------------------------------------------------
+
+SCHEDULE = dict(max_steps=16, eval_freq=4, checkpoint_every=4, lr_schedule="cosine", warmup_steps=4, test_batches=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, drop, how", [("gpt2", 0.0, "sigint"), ("moe_gqa", 0.0, "sigint"),
+                                             ("gpt2", 0.1, "sigint"), ("moe_gqa", 0.1, "kill"),
+                                             ("gpt2", 0.0, "kill")])
+def test_resume_under_cosine_warmup_is_bitwise_the_uninterrupted_run(prepared_run, tmp_path, monkeypatch,
+                                                                     name, drop, how):
+    c = cfg(drop_rate=drop, **SCHEDULE)
+    straight = engine.train_model(name, c, fresh(prepared_run, tmp_path / "a"), **quiet)
+    run = fresh(prepared_run, tmp_path / "b")
+    if how == "sigint":
+        monkeypatch.setattr(engine, "build_model", interrupt_at(6))       # mid-warm-up
+        with pytest.raises(KeyboardInterrupt):
+            engine.train_model(name, c, run, **quiet)
+        monkeypatch.setattr(engine, "build_model", build_model)
+    else:
+        killed_after(name, c, run, "periodic")                              # at step 4
+    assert ckpt.latest_checkpoint(run / "checkpoints" / name).name in ("step_00000004.pt", "step_00000006.pt")
+    resumed = engine.train_model(name, c, run, **quiet)
+    assert curve(resumed["history"]) == curve(straight["history"])
+    same_weights(straight["model"].state_dict(), resumed["model"].state_dict())
+
+
+# --- 2. epoch boundaries ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_plays(tiny_corpus, tmp_path_factory):
+    """A split small enough for two whole epochs in seconds: two plays, 19 batches of 8 per epoch."""
+    d = tmp_path_factory.mktemp("two_plays")
+    (d / "c").mkdir()
+    for f in sorted(tiny_corpus.iterdir())[:2]:
+        shutil.copyfile(f, d / "c" / f.name)
+    prepare_data(d / "c", d / "run" / "data", log=lambda *_: None)
+    return d / "run"
+
+
+EPOCHS = dict(max_steps=0, max_epochs=2, batch_size=8, eval_freq=5, checkpoint_every=1000, warmup_steps=3,
+              test_batches=5)
+
+
+@pytest.mark.slow
+def test_two_epochs_resumed_at_the_epoch_end_checkpoint_and_mid_epoch_2(two_plays, tmp_path, monkeypatch):
+    c = cfg(**EPOCHS)
+    epochs_started = []
+    real_set_epoch = data_mod.EpochBatchSampler.set_epoch
+
+    def record(self, epoch, start=0):
+        if self.shuffle:
+            epochs_started.append((epoch, start))
+        return real_set_epoch(self, epoch, start)
+    monkeypatch.setattr(data_mod.EpochBatchSampler, "set_epoch", record)
+    straight = engine.train_model("gpt2", c, fresh(two_plays, tmp_path / "a"), **quiet)
+    per_epoch = straight["steps"] // 2
+    assert straight["epochs_completed"] == 2 and epochs_started == [(0, 0), (1, 0)]
+
+    at_boundary = fresh(two_plays, tmp_path / "b")
+    killed_after("gpt2", c, at_boundary, "epoch")                            # kill -9 after the epoch-1 checkpoint
+    assert ckpt.latest_checkpoint(at_boundary / "checkpoints" / "gpt2").name == f"step_{per_epoch:08d}.pt"
+    epochs_started.clear()
+    resumed = engine.train_model("gpt2", c, at_boundary, **quiet)
+    assert epochs_started == [(1, 0)]                                       # epoch 2, from its first batch
+    assert curve(resumed["history"]) == curve(straight["history"])
+    same_weights(straight["model"].state_dict(), resumed["model"].state_dict())
+
+    mid = fresh(two_plays, tmp_path / "c")
+    monkeypatch.setattr(engine, "build_model", interrupt_at(per_epoch + 5))
+    with pytest.raises(KeyboardInterrupt):
+        engine.train_model("gpt2", c, mid, **quiet)
+    monkeypatch.setattr(engine, "build_model", build_model)
+    epochs_started.clear()
+    resumed = engine.train_model("gpt2", c, mid, **quiet)
+    assert epochs_started == [(1, 5)]                                       # epoch 2, batch 5
+    assert curve(resumed["history"]) == curve(straight["history"])
+    same_weights(straight["model"].state_dict(), resumed["model"].state_dict())
+
+
+# --- 3. export from a trained run ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gpt2", "moe_gqa"])
+def test_export_of_a_trained_run_reproduces_its_logits(prepared_run, tmp_path, name):
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from llm_nb_utils.export_hf import export_run
+    run = fresh(prepared_run, tmp_path / "run")
+    trained = engine.train_model(name, cfg(max_steps=12), run, **quiet)["model"].eval()
+    hf = AutoModelForCausalLM.from_pretrained(export_run(run, name)).eval()
+    x = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        ours, theirs = trained(x).logits, hf(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - build_model(name, trained.cfg).eval()(x).logits).abs().max().item() > 1e-2   # trained != init
+
+
+# --- 5. fp16 with a GradScaler that scales --------------------------------------------------------------
+
+def overflow_at(step: int):
+    """build_model whose gradients of one weight become inf at training step `step` (not the loss)."""
+    def build(name, c):
+        model = build_model(name, c)
+        calls = {"n": 0}
+        original = model.forward
+
+        def forward(*a, **k):
+            if model.training:
+                calls["n"] += 1
+            return original(*a, **k)
+        model.forward = forward
+        model.blocks[0].attn.out_proj.weight.register_hook(
+            lambda g: g * float("inf") if calls["n"] == step else g)
+        return model
+    return build
+
+
+def test_an_fp16_gradient_overflow_skips_the_step_halves_the_scale_and_resumes_it(prepared_run, tmp_path, monkeypatch):
+    half = dict(dtype="float16", force_dtype=True, checkpoint_every=100, eval_freq=100, lr_schedule="constant",
+                warmup_steps=0, test_batches=2)
+    two = engine.train_model("gpt2", cfg(max_steps=2, **half), fresh(prepared_run, tmp_path / "two"), **quiet)
+    monkeypatch.setattr(engine, "build_model", overflow_at(3))
+    run = fresh(prepared_run, tmp_path / "three")
+    three = engine.train_model("gpt2", cfg(max_steps=3, **half), run, **quiet)     # no NonFiniteLossError
+    monkeypatch.setattr(engine, "build_model", build_model)
+    same_weights(two["model"].state_dict(), three["model"].state_dict())          # step 3 was skipped
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints" / "gpt2"))["scaler"]["scale"] == 2.0 ** 15
+    engine.train_model("gpt2", cfg(max_steps=5, **half), run, **quiet)              # resumed: the scale stays
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints" / "gpt2"))["scaler"]["scale"] == 2.0 ** 15
+
+
+# --- 6. report.py ----------------------------------------------------------------------------------------
+
+def metrics_pair(**changes):
+    base = {"test_loss": 4.0, "test_perplexity": math.exp(4.0), "train_time_s": 100.0, "peak_memory_mb": 1000.0,
+            "tokens_per_s": 2000.0, "total_params": 16_000_000, "active_params": 16_000_000,
+            "flops_per_token": 100_000_000, "tokens_seen": 300_000, "steps": 300, "preset": "paper",
+            "device": "cuda", "device_name": "NVIDIA H200", "peak_memory_kind": "cuda_max_memory_allocated_mb"}
+    moe = {**base, "test_loss": 3.9, "test_perplexity": math.exp(3.9), "tokens_per_s": 1500.0,
+           "total_params": 20_000_000, "active_params": 17_000_000, "peak_memory_mb": 900.0}
+    for k, v in changes.items():
+        model, key = k.split("__")
+        (base if model == "gpt2" else moe)[key] = v
+    return {"gpt2": base, "moe_gqa": moe}
+
+
+def test_variation_sign_and_a_zero_denominator():
+    assert report.variation_pct(100, 110) == pytest.approx(10.0)
+    assert report.variation_pct(100, 90) == pytest.approx(-10.0)
+    assert math.isnan(report.variation_pct(0, 5))
+    t2 = report.table2(metrics_pair())
+    assert t2.loc["test_loss", "variation_pct"] == pytest.approx(-2.5)
+    assert t2.loc["tokens_per_s", "variation_pct"] == pytest.approx(-25.0)
+    assert list(t2.columns) == ["gpt2", "moe_gqa", "variation_pct"]
+
+
+def test_pretty_formats_and_memory_labels():
+    t2 = report.table2(metrics_pair())
+    gpu = report.pretty(t2, "cuda_max_memory_allocated_mb")
+    assert gpu.loc["Test loss", "GPT-2 baseline"] == "4.0000" and gpu.loc["Test perplexity", "MoE-GQA"] == "49.40"
+    assert gpu.loc["Throughput (tokens/s)", "GPT-2 baseline"] == "2,000"
+    assert gpu.loc["Total parameters", "MoE-GQA"] == "20,000,000"
+    assert gpu.loc["Test loss", "Variation (%)"] == "-2.5%" and gpu.loc["Peak VRAM (MB)", "Variation (%)"] == "-10.0%"
+    cpu = report.pretty(t2, "process_peak_rss_mb")
+    assert "Peak RAM, process RSS (MB)" in cpu.index and "Peak VRAM (MB)" not in cpu.index
+
+
+def test_every_branch_of_the_discussion():
+    agree = report.discussion(metrics_pair())
+    assert "MoE-GQA reaches the lower test loss" in agree and "This agrees with the study" in agree
+    assert "0.75x GPT-2's throughput" in agree and "GPU memory" in agree
+    assert "Caution" not in agree and "Scope" not in agree
+    opposite = report.discussion(metrics_pair(moe_gqa__test_loss=4.2, moe_gqa__test_perplexity=math.exp(4.2)))
+    assert "GPT-2 reaches the lower test loss" in opposite and "The study found the opposite" in opposite
+    unequal = report.discussion(metrics_pair(moe_gqa__tokens_seen=200_000, moe_gqa__steps=200))
+    assert "saw different amounts of data (300,000 vs 200,000 tokens)" in unequal
+    cpu = report.discussion(metrics_pair(gpt2__preset="small", gpt2__device="cpu", gpt2__device_name="CPU (x86_64)",
+                                         gpt2__peak_memory_kind="process_peak_rss_mb"))
+    assert "`small` preset on CPU (x86_64)" in cpu and "process peak RSS" in cpu
+    warned = report.discussion(metrics_pair(gpt2__warnings=["only 30 training steps"]))
+    assert "Caution (GPT-2 baseline):** only 30 training steps." in warned
+
+
+# --- 7. W&B never blocks or fails a run ------------------------------------------------------------------
+
+def test_wandb_failures_turn_tracking_off_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE")
+    assert tracking.init_tracking(cfg(wandb_mode="disabled"), tmp_path, "gpt2").message == "W&B: disabled"
+    monkeypatch.setenv("WANDB_MODE", "disabled")                 # the environment wins over the setting
+    assert tracking.init_tracking(cfg(wandb_mode="offline"), tmp_path, "gpt2").mode == "disabled"
+    monkeypatch.delenv("WANDB_MODE")
+
+    def boom(*a, **k):
+        raise RuntimeError("no service")
+    monkeypatch.setattr(wandb, "init", boom)
+    t = tracking.init_tracking(cfg(wandb_mode="offline"), tmp_path, "gpt2")
+    assert not t.active and "could not start (RuntimeError: no service)" in t.message
+
+    class Run:
+        def log(self, *a, **k):
+            raise OSError("disk full")
+    t = tracking.Tracker(Run(), "offline")
+    t.log({"x": 1})
+    t.log({"x": 2})                                              # turned off after the first: one message
+    assert not t.active and capsys.readouterr().out.count("tracking turned off") == 1
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(tracking, "_has_api_key", lambda: False)
+    seen = {}
+    monkeypatch.setattr(wandb, "init", lambda **k: seen.update(k) or type("R", (), {"dir": str(tmp_path)})())
+    t = tracking.init_tracking(cfg(wandb_mode="online"), tmp_path, "gpt2")
+    assert seen["mode"] == "offline" and "no API key found" in t.message
+
+
+# --- 8. the Gutenberg retry policy -------------------------------------------------------------------------
+
+@pytest.fixture
+def gutenberg_server():
+    from test_gutenberg import Server
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+
+
+def test_backoff_doubles_429_is_retried_403_is_not(gutenberg_server):
+    from llm_nb_utils.gutenberg import GutenbergError, fetch
+    s, sleeps = gutenberg_server, []
+    url = s.url + "/cache/epub/101/pg101.txt"
+    s.fail_next["/cache/epub/101/pg101.txt"] = 10
+    with pytest.raises(GutenbergError, match="after 4 attempt"):
+        fetch(url, retries=3, backoff=0.5, sleep=sleeps.append)
+    assert sleeps == [0.5, 1.0, 2.0]
+    for code, attempts in ((429, 2), (403, 1)):
+        s.hits.clear()
+        s.fail_next["/cache/epub/101/pg101.txt"] = 1
+        s.fail_code = code
+        try:
+            fetch(url, retries=3, backoff=0, sleep=lambda _: None)
+        except GutenbergError:
+            pass
+        assert s.hits.count("/cache/epub/101/pg101.txt") == attempts, code
+
+
+def test_a_book_that_exhausts_its_retries_or_is_not_utf8_does_not_stop_the_download(gutenberg_server, tmp_path):
+    from llm_nb_utils.gutenberg import download_portuguese_corpus
+    s, logs = gutenberg_server, []
+    s.fail_next["/cache/epub/101/pg101.txt"] = 100                 # always 503
+    s.routes["/cache/epub/103/pg103.txt"] = "Cora\xe7\xe3o".encode("latin-1")    # not UTF-8
+    books = download_portuguese_corpus(tmp_path, target_mb=1, base_url=s.url, retries=2, log=logs.append,
+                                       sleep=lambda _: None)
+    assert sorted(p.name for p in books.iterdir()) == ["pg106.txt"]
+    summary = next(line for line in logs if line.startswith("Gutenberg (pt)"))
+    assert "1 failed after retries and left for a re-run: [101]" in summary
+    assert "2 without a UTF-8 plain-text file" in summary           # 103 (latin-1) and 105 (404)
+
+
+# --- 9. presets and the config object ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_both_models_and_round_trips(preset):
+    c = make_config(preset, device="cpu")
+    assert Config(**c.to_dict()) == c and Config(**c.to_dict()).preset == preset
+    with torch.device("meta"):                    # shapes only: the paper preset without its 0.4 GB
+        for name in ("gpt2", "moe_gqa"):
+            model = build_model(name, c)
+            assert model.cfg.emb_dim == c.emb_dim and len(model.blocks) == c.n_layers
+
+
+@pytest.mark.parametrize("text", ["0.7,0.2,0.1", "(0.7, 0.2, 0.1)", "[0.7, 0.2, 0.1]"])
+def test_tuple_overrides_parse(text):
+    assert make_config("smoke", parse_overrides([f"split_ratios={text}"])).split_ratios == (0.7, 0.2, 0.1)
+
+
+# --- 10. the GPU check can fail ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_gpu_check_exits_non_zero_naming_the_stages_that_failed(tiny_corpus, tmp_path):
+    env = {**os.environ, "CARRY": str(tmp_path / "carry"), "PYTHON": sys.executable, "DEVICE": "cpu",
+           "PRESET": "no-such-preset", "BUDGET": "100000", "TRAIN_STEPS": "1"}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "run", str(tmp_path / "out")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert "gpu_check FAILED" in r.stdout and "bench (exit 1)" in r.stdout and "short_train (exit 1)" in r.stdout
+    assert "gpu_check finished" not in r.stdout
+
+
+def test_peak_tflops_matches_whole_model_names():
+    from test_benchmarks import load
+    bench = load("train_throughput")
+    assert bench.peak_tflops("NVIDIA L40S", "bfloat16") is None            # not an L4
+    assert bench.peak_tflops("NVIDIA L4", "bfloat16") == 121.0
+    assert bench.peak_tflops("NVIDIA A10G", "float32") is None             # not an A10
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
