@@ -67,7 +67,7 @@ def route(model, ids: list[int], layer: int = 0) -> pd.DataFrame:
     _, experts, weights = moe.route(seen["x"].reshape(-1, seen["x"].shape[-1]))
     rows = []
     for i, tok in enumerate(ids):
-        row = {"token": repr(decode([tok]))[1:-1]}
+        row = {"token": repr(decode([tok]))[1:-1].replace(" ", "␣")}    # a leading space is part of the token
         for k in range(experts.shape[1]):
             row[f"expert {k + 1}"] = int(experts[i, k])
             row[f"weight {k + 1}"] = round(float(weights[i, k]), 3)
@@ -86,7 +86,7 @@ def rope_scores(head_dim: int = 8, base: float = 10000.0, pairs=((0, 3), (5, 8),
     for m, n in pairs:
         score = (apply_rope(q, cos, sin, offset=m) * apply_rope(k, cos, sin, offset=n)).sum().item()
         rows.append({"query position m": m, "key position n": n, "distance n - m": n - m, "q . k": round(score, 4)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).set_index(["query position m", "key position n"])
 
 
 def causal_mask(tokens: list[str]) -> pd.DataFrame:
@@ -117,6 +117,13 @@ def architecture(cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows, index=["GPT-2 baseline", "MoE-GQA"]).T
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
 def kv_cache_table(cfg: Config, bytes_per_value: int = 2) -> pd.DataFrame:
     """KV-cache size of both models: per token, at the full context, for a batch of full windows."""
     rows = {}
@@ -124,6 +131,6 @@ def kv_cache_table(cfg: Config, bytes_per_value: int = 2) -> pd.DataFrame:
         per_token = kv_cache_bytes(cfg, name, 1, bytes_per_value)
         rows[label] = {"key/value heads per layer": cfg.n_heads if name == "gpt2" else cfg.n_kv_groups,
                        "bytes per token": f"{per_token:,}",
-                       f"one sequence of {cfg.context_length} tokens": f"{per_token * cfg.context_length / 2**20:.2f} MiB",
-                       f"a batch of {cfg.batch_size}": f"{per_token * cfg.context_length * cfg.batch_size / 2**20:.1f} MiB"}
+                       f"one sequence of {cfg.context_length} tokens": _size(per_token * cfg.context_length),
+                       f"a batch of {cfg.batch_size}": _size(per_token * cfg.context_length * cfg.batch_size)}
     return pd.DataFrame(rows).T

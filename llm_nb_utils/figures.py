@@ -39,9 +39,12 @@ def loss_curves(metrics: dict[str, dict]):
     """Validation (solid) and training (dashed) loss of each model against training tokens, against
     the loop's wall-clock time and against training FLOPs: the same curves, three fair axes when
     the models differ in speed and in cost per token."""
+    most = max(h["tokens_seen"] * m["flops_per_token"] for m in metrics.values() for h in m["history"])
+    unit, scale = next((u, s) for u, s in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("FLOP", 1))
+                       if most >= s or s == 1)
     axes_spec = [("tokens", "training tokens (millions)", lambda h, m: h["tokens_seen"] / 1e6),
                  ("time", "wall-clock time of the training loop (minutes)", lambda h, m: h["time_s"] / 60),
-                 ("flops", "training compute (PFLOP)", lambda h, m: h["tokens_seen"] * m["flops_per_token"] / 1e15)]
+                 ("flops", f"training compute ({unit})", lambda h, m: h["tokens_seen"] * m["flops_per_token"] / scale)]
     timed = all(h.get("time_s") is not None for m in metrics.values() for h in m["history"])
     spec = [a for a in axes_spec if timed or a[0] != "time"]
     fig, axes = plt.subplots(1, len(spec), figsize=(4.2 * len(spec), 3.6), sharey=True)

@@ -1,6 +1,7 @@
 """Tables and the generated discussion of the comparison (notebooks 01-04); the figures are in `figures`."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -123,10 +124,11 @@ def tokens_per_word(meta: dict) -> pd.DataFrame:
 
 
 def parameter_table(parts: pd.Series) -> pd.DataFrame:
-    """Parameters per component with their share of the total."""
-    total = parts.sum()
+    """Parameters per component (those that have any) with their share of the total."""
+    parts = parts[parts > 0]
+    share = parts / parts.sum()
     return pd.DataFrame({"Parameters": parts.map("{:,}".format),
-                         "Share": (parts / total).map("{:.1%}".format)}).rename_axis("Component")
+                         "Share": share.map(lambda x: f"{x:.1%}" if x >= 0.001 else "<0.1%")}).rename_axis("Component")
 
 
 def cost_table(summaries: dict[str, dict]) -> pd.DataFrame:
@@ -170,8 +172,9 @@ def generations_html(metrics: dict[str, dict]) -> str:
         for name, smp in items:
             prompt, text = smp["prompt"], smp["text"]
             rest = text[len(prompt):] if text.startswith(prompt) else text
+            rest = re.sub(r"\n\s*\n(\s*\n)+", "\n\n", rest)        # at most one blank line in a row
             body = html.escape(rest).replace("\n", "<br>")
-            parts.append(f"<p><b>{LABELS.get(name, name)}</b></p><blockquote><b>{html.escape(prompt)}</b>"
+            parts.append(f"<p><b>{LABELS.get(name, name)}</b></p><blockquote><b style='background:#e8eef8'>{html.escape(prompt)}</b>"
                          f"<span style='color:#444'>{body}</span></blockquote>")
     return "\n".join(parts)
 
@@ -210,6 +213,8 @@ def table2_with_study(metrics: dict[str, dict]) -> pd.DataFrame:
     """This run's Table 2 and the study's side by side, formatted (rows the study has)."""
     ours = pretty(table2(metrics).loc[STUDY_ROWS], metrics["gpt2"]["peak_memory_kind"])
     study = pretty(study_table2(), "cuda")
+    if not metrics["gpt2"]["peak_memory_kind"].startswith("cuda"):     # one row, two kinds of memory
+        ours = ours.rename(index={"Peak RAM, process RSS (MB)": "Peak memory (MB): RAM here, VRAM in the study"})
     ours.columns = pd.MultiIndex.from_product([["This run"], ours.columns])
     study.columns = pd.MultiIndex.from_product([[f"The study ({STUDY_TABLE2['hardware']})"], study.columns])
     study.index = ours.index
