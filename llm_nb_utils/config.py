@@ -165,7 +165,7 @@ def _coerce(key: str, value: Any) -> Any:
         parsed = ast.literal_eval(value)
         return tuple(parsed) if isinstance(parsed, (list, tuple)) else parsed
     except (ValueError, SyntaxError, TypeError):
-        raise ConfigError(f"setting {key}={value!r}: expected a {ftype}.") from None
+        raise ConfigError(f"setting {key}={value!r}: expected {_TYPE_WORDS[ftype]}.") from None
 
 
 def parse_overrides_value(overrides: Any) -> dict[str, Any]:
@@ -205,6 +205,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+_TYPE_WORDS = {"tuple": "a tuple of numbers", "int": "an integer", "float": "a number", "bool": "True or False",
+               "str": "a string"}
+
+
 def _type_errors(cfg: Config) -> list[str]:
     """Each setting against its declared type (a bool is not an int, an int is a fine float)."""
     errors = []
@@ -217,9 +221,7 @@ def _type_errors(cfg: Config) -> list[str]:
               "tuple": isinstance(v, (tuple, list)) and all(
                   isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)}[f.type]
         if not ok:
-            what = {"tuple": "a tuple of numbers", "int": "an integer", "float": "a number", "bool": "True or False",
-                    "str": "a string"}[f.type]
-            errors.append(f"{f.name} must be {what} (got {type(v).__name__} {v!r})")
+            errors.append(f"{f.name} must be {_TYPE_WORDS[f.type]} (got {type(v).__name__} {v!r})")
     return errors
 
 

@@ -46,7 +46,8 @@ def storage_error(e: OSError, path: Path, needed_bytes: int | None = None) -> OS
                             f"{Path(path).name}{need}. Fix: free some space there or choose another run_dir, "
                             "then run the same command again: finished work is kept")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return StorageError(e.errno, f"{folder} is read-only (writing {Path(path).name}: {e.strerror}). Fix: "
+        what = "" if Path(path).name.startswith(".write-test") else f"writing {Path(path).name}: "
+        return StorageError(e.errno, f"{folder} is read-only ({what}{e.strerror}). Fix: "
                             "choose a writable run_dir (on Kaggle under /kaggle/working; input datasets are "
                             "read-only)")
     return e

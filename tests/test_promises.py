@@ -44,20 +44,26 @@ def same_weights(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), k
 
 
+def count_training_calls(model, on_call=None) -> dict:
+    """Wrap `model.forward` to count its training calls, calling `on_call(n)` at each; the count."""
+    calls = {"n": 0}
+    original = model.forward
+
+    def forward(*a, **k):
+        if model.training:
+            calls["n"] += 1
+            if on_call:
+                on_call(calls["n"])
+        return original(*a, **k)
+    model.forward = forward
+    return calls
+
+
 def interrupt_at(step: int):
     """build_model whose training forward sends this process SIGINT at its `step`-th call."""
     def build(name, c):
         model = build_model(name, c)
-        calls = {"n": 0}
-        original = model.forward
-
-        def forward(*a, **k):
-            if model.training:
-                calls["n"] += 1
-                if calls["n"] == step:
-                    os.kill(os.getpid(), signal.SIGINT)
-            return original(*a, **k)
-        model.forward = forward
+        count_training_calls(model, lambda n: n == step and os.kill(os.getpid(), signal.SIGINT))
         return model
     return build
 
@@ -189,14 +195,7 @@ def overflow_at(step: int):
     """build_model whose gradients of one weight become inf at training step `step` (not the loss)."""
     def build(name, c):
         model = build_model(name, c)
-        calls = {"n": 0}
-        original = model.forward
-
-        def forward(*a, **k):
-            if model.training:
-                calls["n"] += 1
-            return original(*a, **k)
-        model.forward = forward
+        calls = count_training_calls(model)
         model.blocks[0].attn.out_proj.weight.register_hook(
             lambda g: g * float("inf") if calls["n"] == step else g)
         return model
