@@ -36,7 +36,7 @@ from .generate import sample_generations
 from .models import build_model
 from .prepare import load_meta
 from .progress import TrainingProgress
-from .tracking import init_tracking
+from .tracking import Tracker, init_tracking
 
 THROUGHPUT_DEFINITION = ("training tokens processed / wall-clock seconds spent in training steps "
                          "(forward, backward, optimizer), periodic evaluation and checkpointing excluded")
@@ -230,6 +230,7 @@ class Trainer:
         self.forward_model = self.model
         self.needed_bytes: int | None = None   # disk the checkpoints need, once check_space has run
         self.loop_start = 0.0                   # perf_counter at which the loop would have started (resume included)
+        self.tracker = Tracker()                # W&B off until train_model starts it (after the reuse check)
 
     # --- restore -------------------------------------------------------------------------------
     def restore(self, resume: bool) -> None:
