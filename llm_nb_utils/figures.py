@@ -13,8 +13,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from .files import write_atomic
+from .report import LABELS
 
-LABELS = {"gpt2": "GPT-2 baseline", "moe_gqa": "MoE-GQA"}
 COLORS = {"gpt2": "tab:blue", "moe_gqa": "tab:orange"}
 
 

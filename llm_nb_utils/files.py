@@ -103,10 +103,6 @@ class DamagedFileError(SuiteError):
     pass
 
 
-def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
-    return write_atomic(path, lambda f: fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi))
-
-
 def check_writable(folder: str | Path) -> None:
     """Fail at once, in one line, where a folder cannot be created or written."""
     folder = Path(folder)

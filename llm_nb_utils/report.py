@@ -179,20 +179,14 @@ def generations_html(metrics: dict[str, dict]) -> str:
     return "\n".join(parts)
 
 
-def run_settings(cfg_or_metrics, device_name: str | None = None, dtype: str | None = None) -> str:
-    """One Markdown line saying what ran: preset, hardware, precision, the settings changed from the
-    preset (no local paths)."""
+def run_settings(metrics: dict) -> str:
+    """One Markdown line saying what a training run was: preset, hardware, precision, the settings
+    changed from the preset (no local paths)."""
     from .config import changed_settings
-    if isinstance(cfg_or_metrics, dict) and "config" in cfg_or_metrics:
-        m = cfg_or_metrics
-        config, device_name, dtype = m["config"], m.get("device_name", m["device"]), m["dtype"]
-    else:
-        config = cfg_or_metrics.to_dict()
-    changed = changed_settings(config)
+    changed = changed_settings(metrics["config"])
     changes = ", ".join(f"`{k}={v}`" for k, v in changed.items()) if changed else "none"
-    hw = f" on {device_name}" if device_name else ""
-    prec = f", {dtype}" if dtype else ""
-    return f"**Run settings:** preset `{config['preset']}`{hw}{prec}; changed from the preset: {changes}."
+    return (f"**Run settings:** preset `{metrics['config']['preset']}` on {metrics.get('device_name', metrics['device'])}, "
+            f"{metrics['dtype']}; changed from the preset: {changes}.")
 
 
 def summary(metrics: dict, name: str) -> pd.Series:

@@ -279,7 +279,7 @@ class Trainer:
             return None
 
     # --- disk ------------------------------------------------------------------------------------
-    def check_space(self) -> int:
+    def check_space(self) -> None:
         """Fail now, not at the first checkpoint hours later, where checkpoints cannot be written."""
         check_writable(self.ckpt_dir)
         needed = self.needed_bytes = (self.cfg.keep_checkpoints + 1) * checkpoint_bytes(self.model)   # +1: being written
@@ -289,7 +289,6 @@ class Trainer:
                                    f"need about {needed / 1e9:.2f} GB ({self.cfg.keep_checkpoints} kept + 1 being "
                                    "written). Fix: free some space there, lower keep_checkpoints, or choose "
                                    "another run_dir")
-        return needed
 
     def save(self, reason: str) -> Path:
         path = save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
