@@ -13,7 +13,7 @@ ARGS ?=
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken_cache)
 
-.PHONY: run test install clean-venv benchmark
+.PHONY: run test install clean-venv benchmark sweep
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ install: $(VENV)/.installed
 
 run: install
 	$(PY) -m llm_nb_utils.pipeline --preset $(PRESET) $(ARGS)
+
+# Seeds (or the MoE grid) at one budget: make sweep PRESET=small ARGS="--seeds 3 --max-steps 300"
+sweep: install
+	$(PY) -m llm_nb_utils.sweep --preset $(PRESET) $(ARGS)
 
 test: install
 	WANDB_MODE=offline $(PY) -m pytest -q tests

@@ -39,9 +39,8 @@ def loss_curves(metrics: dict[str, dict]):
     """Validation (solid) and training (dashed) loss of each model against training tokens, against
     the loop's wall-clock time and against training FLOPs: the same curves, three fair axes when
     the models differ in speed and in cost per token."""
-    most = max(h["tokens_seen"] * m["flops_per_token"] for m in metrics.values() for h in m["history"])
-    unit, scale = next((u, s) for u, s in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("FLOP", 1))
-                       if most >= s or s == 1)
+    unit, scale = _flop_unit(max(h["tokens_seen"] * m["flops_per_token"] for m in metrics.values()
+                                 for h in m["history"]))
     axes_spec = [("tokens", "training tokens (millions)", lambda h, m: h["tokens_seen"] / 1e6),
                  ("time", "wall-clock time of the training loop (minutes)", lambda h, m: h["time_s"] / 60),
                  ("flops", f"training compute ({unit})", lambda h, m: h["tokens_seen"] * m["flops_per_token"] / scale)]
@@ -125,6 +124,56 @@ def parameter_bars(parts: dict):
                width, label=LABELS.get(name, name), color=COLORS.get(name))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(components))], components)
     ax.set_ylabel("parameters (millions)")
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _flop_unit(most: float) -> tuple[str, float]:
+    return next((u, s) for u, s in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("FLOP", 1)) if most >= s or s == 1)
+
+
+def sweep_loss_vs_cost(means):
+    """Mean test loss of each design (bars: 95% interval over seeds) against the parameters active per
+    token and against the training compute; GPT-2 is the square. `means`: sweep_report.design_means."""
+    unit, scale = _flop_unit(means["training_flops"].max())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, col, xlabel, div in ((axes[0], "active_params", "parameters active per token (millions)", 1e6),
+                                 (axes[1], "training_flops", f"training compute per run ({unit})", scale)):
+        for _, r in means.iterrows():
+            gpt2 = r["model"] == "gpt2"
+            ax.errorbar(r[col] / div, r["test_loss"], yerr=None if r["ci"] != r["ci"] else r["ci"],
+                        fmt="s" if gpt2 else "o", color=COLORS["gpt2" if gpt2 else "moe_gqa"], capsize=3)
+            ax.annotate(r["design"].replace("MoE-GQA ", ""), (r[col] / div, r["test_loss"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test loss (nats per token)")
+    fig.tight_layout()
+    return fig
+
+
+def sweep_validation_curves(runs, histories: dict[str, list]):
+    """Every run's validation loss against training tokens, faint, with each design's mean bold."""
+    designs = list(dict.fromkeys(runs["design"]))
+    moe = [d for d in designs if d != "GPT-2"]
+    # GPT-2 blue and a lone MoE design orange, as in every other figure; several MoE designs: tab10 without blue
+    colors = {"GPT-2": COLORS["gpt2"], **({moe[0]: COLORS["moe_gqa"]} if len(moe) == 1 else
+                                          {d: plt.get_cmap("tab10")(i % 9 + 1) for i, d in enumerate(moe)})}
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for design in designs:
+        names = runs.loc[runs["design"] == design, "run"]
+        curves = [histories[n] for n in names]
+        color = colors[design]
+        for h in curves:
+            ax.plot([p["tokens_seen"] / 1e6 for p in h], [p["val_loss"] for p in h], color=color, alpha=0.35, lw=0.8)
+        length = min(len(h) for h in curves)
+        mean = [sum(h[j]["val_loss"] for h in curves) / len(curves) for j in range(length)]
+        ax.plot([p["tokens_seen"] / 1e6 for p in curves[0][:length]], mean, color=color, lw=2,
+                label=f"{design} (mean of {len(curves)})")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("validation loss (nats per token)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return fig

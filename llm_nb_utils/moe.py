@@ -69,6 +69,9 @@ class MoEFeedForward(nn.Module):
     `expert_counts` the number of assignments per expert.
     """
 
+    # Set by the trainer under DDP: averages the assignment shares over ranks (see Trainer.__init__).
+    reduce_fraction = None
+
     def __init__(self, emb_dim: int, hidden_dim: int, num_experts: int, top_k: int):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
@@ -119,6 +122,8 @@ class MoEFeedForward(nn.Module):
         out = torch.zeros_like(flat).index_add_(0, token_of, mixed.to(flat.dtype))
 
         fraction = counts.float() / assignments.numel()
+        if self.training and self.reduce_fraction is not None:
+            fraction = self.reduce_fraction(fraction)      # the global batch's shares under DDP
         self.aux_loss = self.num_experts * (fraction * probs.mean(dim=0)).sum()
         self.expert_counts = counts.detach()
         return out.view(shape)

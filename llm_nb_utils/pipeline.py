@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .config import ConfigError, make_config, parse_overrides, PRESETS
 from .device import DeviceError, resolve_device
+from .distributed import Dist, resolve_gpus
 from .env import NOTEBOOK_DIR, default_run_dir
 from .files import StorageError, check_writable, write_atomic
 from .lock import RunLocked, folder_lock
@@ -116,10 +117,11 @@ def render_html(notebook: Path, html: Path) -> Path:
 
 
 def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True, kernel: str = "python3",
-                 log=print, verbose: bool = False) -> list[Path]:
+                 log=print, verbose: bool = False, stdout=None, stderr=None) -> list[Path]:
     """Execute `notebooks` in order; stop at the first failure with the notebook, cell and error.
 
-    What the notebooks print streams to this process's stdout/stderr as it comes. Raises
+    What the notebooks print streams as it comes to `stdout`/`stderr` (this process's, unless other
+    open files are given). Raises
     PipelineInterrupted after a Ctrl-C, once the interrupted notebook is saved and rendered.
     """
     import papermill as pm
@@ -143,12 +145,12 @@ def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True
             try:
                 pm.execute_notebook(str(src), str(partial), parameters=params, kernel_name=kernel,
                                     cwd=str(src.parent), progress_bar=False, log_output=False,
-                                    stdout_file=sys.stdout, stderr_file=sys.stderr, **quiet)
+                                    stdout_file=stdout or sys.stdout, stderr_file=stderr or sys.stderr, **quiet)
             except PapermillExecutionError as e:
                 os.replace(partial, executed)
                 if html:
                     render_html(executed, out / "reports" / f"{name}.html")
-                if interrupts.hit or e.ename in ("KeyboardInterrupt", "TrainingInterrupted"):
+                if interrupts.hit or e.ename in ("KeyboardInterrupt", "TrainingInterrupted", "PipelineInterrupted"):
                     raise PipelineInterrupted(f"{name} was interrupted" + (f": {e.evalue}" if e.evalue else "")) from None
                 raise PipelineError(
                     f"notebook {name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
@@ -175,6 +177,27 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["python", "-m", "llm_nb_utils.pipeline", *(a for a in argv if a != "--no-resume")])
 
 
+def run_from_cli(params: dict, out: Path, notebooks, resume: str, tag: str, **kw) -> tuple[int | None, list[Path]]:
+    """run_pipeline for a command line: (None, reports) when it finished, else (exit status, []) after
+    one message saying what happened and, for an interrupt, the command that continues."""
+    try:
+        return None, run_pipeline(params, out, notebooks, **kw)
+    except PipelineInterrupted as e:
+        print(f"\n[{tag}] {e}\n[{tag}] the executed notebooks and their reports are in {out.resolve()}"
+              f"\n[{tag}] to continue where it stopped: {resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED, []
+    except KeyboardInterrupt:
+        print(f"\n[{tag}] stopped at once (second Ctrl-C): work since the last checkpoint is lost. "
+              f"To continue from it: {resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED, []
+    except RunLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, []
+    except PipelineError as e:
+        print(f"\n[{tag}] FAILED: {e}", file=sys.stderr)
+        return 1, []
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m llm_nb_utils.pipeline", description=__doc__,
@@ -194,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=0, help="cap on training steps (0: the preset's value)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set batch_size=16 --set dtype=float16 (repeatable)")
+    p.add_argument("--gpus", default="auto", help="training processes: auto (every visible CUDA GPU, else 1) or a "
+                   "number; above 1, torchrun with DDP (on a CPU, with --set device=cpu: gloo, for testing)")
     p.add_argument("--wandb-mode", default="offline", choices=["online", "offline", "disabled"])
     p.add_argument("--no-resume", action="store_true", help="retrain even if checkpoints or results exist")
     p.add_argument("--allow-undecodable", action="store_true", help="skip files that are not valid UTF-8")
@@ -217,6 +242,7 @@ def main(argv=None) -> int:
                                    ("max_steps", args.max_steps or None)) if v is not None}
         cfg = make_config(preset, {**overrides, **flags})   # fail before any work
         resolve_device(cfg.device)
+        Dist(world_size=resolve_gpus(args.gpus, cfg.device)).check_batch(cfg.batch_size)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -235,25 +261,12 @@ def main(argv=None) -> int:
     params = dict(preset=preset, overrides=overrides, corpus_source=args.source, corpus_dir=args.corpus_dir,
                   gutenberg_target_mb=args.gutenberg_mb, split_method=args.split_method, seed=args.seed,
                   allow_undecodable=args.allow_undecodable, wandb_mode=args.wandb_mode,
-                  resume=not args.no_resume, max_steps=args.max_steps, progress=False)
+                  resume=not args.no_resume, max_steps=args.max_steps, progress=False, gpus=args.gpus)
     t0 = time.perf_counter()
-    try:
-        reports = run_pipeline(params, out, args.only or NOTEBOOKS, html=not args.no_html, kernel=args.kernel,
-                               verbose=args.verbose)
-    except PipelineInterrupted as e:
-        print(f"\n[pipeline] {e}\n[pipeline] the executed notebooks and their reports are in {out.resolve()}"
-              f"\n[pipeline] to continue where it stopped: {resume_command(argv)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print(f"\n[pipeline] stopped at once (second Ctrl-C): work since the last checkpoint is lost. "
-              f"To continue from it: {resume_command(argv)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except RunLocked as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except PipelineError as e:
-        print(f"\n[pipeline] FAILED: {e}", file=sys.stderr)
-        return 1
+    status, reports = run_from_cli(params, out, args.only or NOTEBOOKS, resume_command(argv), "pipeline",
+                                   html=not args.no_html, kernel=args.kernel, verbose=args.verbose)
+    if status is not None:
+        return status
     if args.export_hf:
         from .export_hf import export_run
         for name in ("gpt2", "moe_gqa"):

@@ -185,7 +185,9 @@ def run_settings(metrics: dict) -> str:
     from .config import changed_settings
     changed = changed_settings(metrics["config"])
     changes = ", ".join(f"`{k}={v}`" for k, v in changed.items()) if changed else "none"
-    return (f"**Run settings:** preset `{metrics['config']['preset']}` on {metrics.get('device_name', metrics['device'])}, "
+    world = metrics.get("world_size", 1)
+    where = metrics.get("device_name", metrics["device"]) + (f" x {world} processes (DDP)" if world > 1 else "")
+    return (f"**Run settings:** preset `{metrics['config']['preset']}` on {where}, "
             f"{metrics['dtype']}; changed from the preset: {changes}.")
 
 
@@ -236,6 +238,15 @@ MEMORY_KINDS = {"cuda_max_memory_allocated_mb": "GPU memory allocated by torch (
                 "process_peak_rss_mb": "the process's peak resident memory (Linux VmHWM)"}
 
 
+def _processes(m: dict) -> str:
+    """'1', or '2 (DDP); peak memory per rank 1,200 / 1,180 MB': the memory row is the largest rank's."""
+    world = m.get("world_size", 1)
+    if world == 1:
+        return "1"
+    per_rank = " / ".join(f"{v:,.0f}" for v in m.get("peak_memory_mb_per_rank", []))
+    return f"{world} (DDP); peak memory per rank {per_rank} MB, the largest reported"
+
+
 def environment_table(metrics: dict[str, dict], data_meta: dict | None = None) -> pd.DataFrame:
     """Where and how each model ran, in words."""
     from .config import changed_settings
@@ -248,6 +259,7 @@ def environment_table(metrics: dict[str, dict], data_meta: dict | None = None) -
             "torch": m["torch_version"], "Preset": m["preset"],
             "Changed settings": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none",
             "Training steps": f"{m['steps']:,}",
+            "Training processes": _processes(m),
             "Peak memory measured as": MEMORY_KINDS.get(m["peak_memory_kind"], m["peak_memory_kind"])}
         if data_meta:
             c = data_meta["corpus"]

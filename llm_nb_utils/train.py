@@ -12,11 +12,12 @@ finished run. One process at a time trains a model in a run directory (a lock sa
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +25,11 @@ import numpy as np
 import torch
 
 from .accounting import bits_per_byte, model_summary
-from .checkpoint import CheckpointError, checkpoint_bytes, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, checkpoint_bytes, checkpoint_path, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, save_checkpoint)
 from .config import Config
 from .data import load_splits, make_dataloader
+from .distributed import Dist, init_from_env, launched_by_torchrun, resolve_gpus
 from .errors import SuiteError, TrainingInterrupted
 from .files import DamagedFileError, StorageError, check_writable, free_bytes, read_json, shown, write_json
 from .lock import folder_lock
@@ -34,6 +37,7 @@ from .device import (Precision, maybe_compile, peak_memory, reset_peak_memory, r
                      resolve_precision, synchronize)
 from .generate import sample_generations
 from .models import build_model
+from .moe import MoEFeedForward
 from .prepare import load_meta
 from .progress import TrainingProgress
 from .tracking import Tracker, init_tracking
@@ -110,15 +114,19 @@ def training_step(model, x, y, optimizer, scaler, prec: Precision, cfg: Config):
 
 @torch.no_grad()
 def evaluate(model, loader, prec: Precision, max_batches: int | None = None,
-             expert_counts: list | None = None) -> float:
-    """Mean next-token loss over the loader's first `max_batches` batches (all if None), token-weighted."""
+             expert_counts: list | None = None, dist: Dist = Dist()) -> float:
+    """Mean next-token loss over the loader's first `max_batches` batches (all if None), token-weighted.
+    Under DDP each rank takes its slice of every batch, and the sums are added over ranks."""
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), device=prec.device, dtype=torch.float64), 0
+    total = torch.zeros((), device=prec.device, dtype=torch.float64)
+    count = torch.zeros((), device=prec.device, dtype=torch.float64)
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        x, y = x.to(prec.device, non_blocking=True), y.to(prec.device, non_blocking=True)
+        x, y = (dist.shard(t).to(prec.device, non_blocking=True) for t in (x, y))
+        if not y.numel():       # the last, partial batch may leave a rank nothing
+            continue
         with prec.autocast():
             out = model(x, y)
         total += out.loss.double() * y.numel()
@@ -126,7 +134,10 @@ def evaluate(model, loader, prec: Precision, max_batches: int | None = None,
         if expert_counts is not None and hasattr(model, "expert_counts"):
             expert_counts.append(model.expert_counts())
     model.train(was_training)
-    return (total / max(count, 1)).item()
+    if dist.enabled and expert_counts:      # assignments of all ranks, once (not a collective per batch)
+        expert_counts[:] = [dist.sum_(torch.stack(expert_counts).sum(0).to(prec.device)).cpu()]
+    dist.sum_(total), dist.sum_(count)
+    return (total / count.clamp(min=1)).item()
 
 
 def _rng_state() -> dict:
@@ -206,16 +217,29 @@ def data_warnings(cfg: Config, steps_per_epoch: int) -> list[str]:
 class Trainer:
     """One model's training run in one run directory."""
 
-    def __init__(self, name: str, cfg: Config, run_dir: Path, log=print):
-        self.name, self.cfg, self.run_dir, self.log = name, cfg, Path(run_dir), log
+    def __init__(self, name: str, cfg: Config, run_dir: Path, log=print, dist: Dist = Dist()):
+        self.name, self.cfg, self.run_dir, self.dist = name, cfg, Path(run_dir), dist
+        self.log = log = log if dist.is_main else (lambda *a, **k: None)    # one voice: rank 0's
+        dist.check_batch(cfg.batch_size)
         self.ckpt_dir = self.run_dir / "checkpoints" / name
-        self.prec = resolve_precision(cfg.dtype, resolve_device(cfg.device), cfg.force_dtype)
+        device = resolve_device(cfg.device)
+        if dist.enabled and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+        self.prec = resolve_precision(cfg.dtype, device, cfg.force_dtype)
         log(f"{name}: device {self.prec.device_name}, precision {self.prec.dtype}"
-            + (f" ({self.prec.note})" if self.prec.note else ""))
+            + (f" ({self.prec.note})" if self.prec.note else "")
+            + (f", {dist.world_size} processes ({dist.backend}), {cfg.batch_size // dist.world_size} windows "
+               "each per step" if dist.enabled else ""))
         self.loaders = load_splits(self.run_dir / "data", cfg, pin_memory=self.prec.device.type == "cuda")
         self.train_loader = self.loaders["train"]
         self.train_eval_loader = make_dataloader(self.train_loader.dataset, cfg.batch_size, shuffle=False)
         self.model = build_model(name, cfg).to(self.prec.device)
+        if dist.enabled:
+            # The balancing loss uses each expert's share of the *global* batch, so that its gradient,
+            # averaged by DDP, is the one-process gradient (a per-rank share would not be).
+            for m in self.model.modules():
+                if isinstance(m, MoEFeedForward):
+                    m.reduce_fraction = dist.mean_
         self.summary = model_summary(self.model)
         self.optimizer = make_optimizer(self.model, cfg)
         self.steps_per_epoch = len(self.train_loader)
@@ -240,16 +264,21 @@ class Trainer:
             tmp.unlink(missing_ok=True)
         found = list_checkpoints(self.ckpt_dir)
         if found and not resume:
-            aside = self.ckpt_dir.with_name(f"{self.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.move(str(self.ckpt_dir), aside)
-            self.log(f"resume=False: previous checkpoints moved to {shown(aside, self.run_dir)}")
+            self.dist.barrier()      # every rank has listed the folder before rank 0 moves it
+            if self.dist.is_main:
+                aside = self.ckpt_dir.with_name(f"{self.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                shutil.move(str(self.ckpt_dir), aside)
+                self.log(f"resume=False: previous checkpoints moved to {shown(aside, self.run_dir)}")
+            self.dist.barrier()
             return
         for path in reversed(found):
             try:
                 ck = load_checkpoint(path, map_location=self.prec.device)
             except CheckpointError as e:
                 aside = path.with_name(path.name + ".damaged")
-                path.rename(aside)
+                self.dist.barrier()
+                if self.dist.is_main:
+                    path.rename(aside)
                 self.log(f"warning: {e.reason}; it is moved to {aside.name} and the run resumes from the "
                          "checkpoint before it")
                 continue
@@ -281,6 +310,8 @@ class Trainer:
     # --- disk ------------------------------------------------------------------------------------
     def check_space(self) -> None:
         """Fail now, not at the first checkpoint hours later, where checkpoints cannot be written."""
+        if not self.dist.is_main:
+            return
         check_writable(self.ckpt_dir)
         needed = self.needed_bytes = (self.cfg.keep_checkpoints + 1) * checkpoint_bytes(self.model)   # +1: being written
         free = free_bytes(self.ckpt_dir)
@@ -291,6 +322,8 @@ class Trainer:
                                    "another run_dir")
 
     def save(self, reason: str) -> Path:
+        if not self.dist.is_main:
+            return checkpoint_path(self.ckpt_dir, self.state.step)
         path = save_checkpoint({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                                 "rng": _rng_state(), "state": vars(self.state), "config": self.cfg.to_dict(),
@@ -328,9 +361,9 @@ class Trainer:
         (utilisation over training, not only at the end)."""
         s, cfg = self.state, self.cfg
         self.close_segment()
-        train_loss = evaluate(self.model, self.train_eval_loader, self.prec, cfg.eval_iter)
+        train_loss = evaluate(self.model, self.train_eval_loader, self.prec, cfg.eval_iter, dist=self.dist)
         counts: list = []
-        val_loss = evaluate(self.model, self.loaders["val"], self.prec, cfg.eval_iter, counts)
+        val_loss = evaluate(self.model, self.loaders["val"], self.prec, cfg.eval_iter, counts, self.dist)
         point = {"step": s.step, "tokens_seen": s.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
                  "time_s": round(time.perf_counter() - self.loop_start, 3)}
         if counts:
@@ -354,8 +387,18 @@ class Trainer:
         s.train_time_s = time.perf_counter() - loop_start
         s.peak_memory_mb = max(s.peak_memory_mb, peak_memory(self.prec.device)[0])
         path = self.save(reason)
+        self.dist.barrier()       # no rank ends (or is stopped by torchrun) while rank 0 still writes
         self.segment_start = time.perf_counter()
         return path
+
+    def interrupted(self, hit: bool) -> bool:
+        """Whether to stop after this step. Ranks must stop at the same step, so under DDP they agree
+        (one all-reduce) every log_every steps; one process stops at once."""
+        if not self.dist.enabled:
+            return hit
+        if self.state.step % self.cfg.log_every:
+            return False
+        return self.dist.any(hit, self.prec.device)
 
     def train(self, ui: TrainingProgress, verbose: bool) -> None:
         s, cfg = self.state, self.cfg
@@ -368,7 +411,8 @@ class Trainer:
             while not s.finished:
                 self.train_loader.batch_sampler.set_epoch(s.epoch, s.batch_in_epoch)
                 for x, y in self.train_loader:
-                    out = training_step(self.forward_model, x, y, self.optimizer, self.scaler, self.prec, cfg)
+                    out = training_step(self.forward_model, self.dist.shard(x), self.dist.shard(y), self.optimizer,
+                                        self.scaler, self.prec, cfg)
                     self.scheduler.step()
                     s.step += 1
                     s.batch_in_epoch += 1
@@ -378,7 +422,8 @@ class Trainer:
 
                     at_eval = s.step % cfg.eval_freq == 0
                     at_ckpt = s.step % cfg.checkpoint_every == 0
-                    if s.step % cfg.log_every == 0 or at_eval or at_ckpt or interrupt["hit"]:
+                    hit = self.interrupted(interrupt["hit"])
+                    if s.step % cfg.log_every == 0 or at_eval or at_ckpt or hit:
                         loss = self.pending[-1][1].item()
                         self.check_finite()
                         ui.update(s.step, loss, self.scheduler.get_last_lr()[0])
@@ -387,9 +432,9 @@ class Trainer:
                     if cfg.max_steps and s.step >= cfg.max_steps:
                         stop = True
                         break
-                    if at_ckpt or interrupt["hit"]:
-                        path = self.checkpoint_now("interrupt" if interrupt["hit"] else "periodic", loop_start)
-                        if interrupt["hit"]:
+                    if at_ckpt or hit:
+                        path = self.checkpoint_now("interrupt" if hit else "periodic", loop_start)
+                        if hit:
                             raise TrainingInterrupted(f"{self.name}: interrupted at step {s.step}; state saved to "
                                                       f"{shown(path, self.run_dir)} in the run directory. Run "
                                                       "again with resume=True to continue.")
@@ -405,12 +450,17 @@ class Trainer:
     def finish(self) -> dict:
         s, prec = self.state, self.prec
         expert_counts: list = []
-        test_loss = evaluate(self.model, self.loaders["test"], prec, self.cfg.test_batches or None, expert_counts)
+        test_loss = evaluate(self.model, self.loaders["test"], prec, self.cfg.test_batches or None, expert_counts,
+                             self.dist)
         peak, peak_kind = peak_memory(prec.device)
+        per_rank = self.dist.gather_floats(max(peak, s.peak_memory_mb), prec.device)
+        if not self.dist.is_main:
+            return {"model": self.name, "test_loss": test_loss}     # rank 0 writes and reports
         metrics = {
             "model": self.name, "test_loss": test_loss, "test_perplexity": math.exp(test_loss),
             "train_time_s": s.train_time_s, "tokens_per_s": self.tokens_per_s(),
-            "peak_memory_mb": max(peak, s.peak_memory_mb), "peak_memory_kind": peak_kind,
+            "peak_memory_mb": max(per_rank), "peak_memory_kind": peak_kind,
+            "world_size": self.dist.world_size, "peak_memory_mb_per_rank": per_rank,
             **self.summary, "tokens_seen": s.tokens_seen, "steps": s.step, "epochs_completed": s.epoch,
             "device": prec.device.type, "device_name": prec.device_name, "dtype": prec.dtype,
             "dtype_requested": self.cfg.dtype, "precision_note": prec.note, "torch_version": torch.__version__,
@@ -436,28 +486,39 @@ class Trainer:
 
 
 def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True, progress: bool = True,
-                wandb_mode: str | None = None, log=print, progress_interval_s: float = 60.0) -> dict:
+                wandb_mode: str | None = None, log=print, progress_interval_s: float = 60.0, gpus=1) -> dict:
     """Train `name` and return its metrics dict (also written to `<run_dir>/metrics/<name>.json`),
     with the trained model under "model". progress=False (batch runs): a progress line every
-    `progress_interval_s` seconds and one per evaluation instead of a bar."""
+    `progress_interval_s` seconds and one per evaluation instead of a bar.
+
+    gpus: 1, a number, or "auto" (every visible CUDA GPU). Above 1, the training runs under torchrun
+    in processes of its own (`launch.launch_training`) and this returns what they wrote."""
     run_dir = Path(run_dir)
-    with folder_lock(run_dir / "checkpoints", f"training {name}", name):
-        t = Trainer(name, cfg, run_dir, log)
+    n = resolve_gpus(gpus, cfg.device)
+    if n > 1 and not launched_by_torchrun():
+        from .launch import launch_training
+        return launch_training(name, cfg, run_dir, n, resume=resume, wandb_mode=wandb_mode, log=log)
+    dist = init_from_env(resolve_device(cfg.device).type, log)
+    # Under torchrun rank 0 holds the lock, unless the process that launched torchrun already does.
+    locked = dist.is_main and not os.environ.get("LLM_NB_LOCK_HELD")
+    with folder_lock(run_dir / "checkpoints", f"training {name}", name) if locked else nullcontext():
+        t = Trainer(name, cfg, run_dir, log, dist)
         for note in t.warnings:
-            log(f"warning: {note}")
+            t.log(f"warning: {note}")
         t.restore(resume)
         reused = t.reusable_metrics()
         if reused is not None:
-            log(f"{name} already trained ({t.state.step} steps): reusing metrics/{name}.json")
+            t.log(f"{name} already trained ({t.state.step} steps): reusing metrics/{name}.json")
             return {**reused, "model": t.model}
         t.check_space()
-        t.forward_model = maybe_compile(t.model, cfg.compile, t.prec.device, log)
-        t.tracker = init_tracking(cfg, run_dir, name, wandb_mode)
-        log(t.tracker.message)
+        t.forward_model = maybe_compile(dist.wrap(t.model, t.prec.device), cfg.compile, t.prec.device, t.log)
+        if dist.is_main:
+            t.tracker = init_tracking(cfg, run_dir, name, wandb_mode)
+            t.log(t.tracker.message)
         reset_peak_memory(t.prec.device)
         # A bar in interactive runs; in batch runs (progress=False) a line every progress_interval_s.
         ui = TrainingProgress(name, t.total_steps, t.state.step, cfg.batch_size * cfg.context_length,
-                              bar=progress, log=log, interval_s=progress_interval_s)
+                              bar=progress and dist.is_main, log=t.log, interval_s=progress_interval_s)
         try:
             t.train(ui, verbose=not progress)
         except BaseException:
@@ -487,3 +548,13 @@ def load_metrics(run_dir: str | Path, name: str) -> dict:
     samples = path.with_name(f"{name}_samples.json")
     metrics["samples"] = read_json(samples, fix) if samples.exists() else []
     return metrics
+
+
+def load_trained_model(run_dir: str | Path, name: str, cfg: Config) -> torch.nn.Module:
+    """The model of the run's latest checkpoint, on the config's device (after a torchrun training)."""
+    path = latest_checkpoint(Path(run_dir) / "checkpoints" / name)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint of {name} in {Path(run_dir) / 'checkpoints' / name}")
+    model = build_model(name, cfg)
+    model.load_state_dict(load_checkpoint(path, map_location="cpu")["model"])
+    return model.to(resolve_device(cfg.device))

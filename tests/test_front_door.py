@@ -20,7 +20,8 @@ from llm_nb_utils.progress import TrainingProgress, format_duration
 EXPECTED_PARAMETERS = {
     "preset": "str", "overrides": "dict", "run_dir": "str", "corpus_source": "str", "corpus_dir": "str",
     "gutenberg_target_mb": "float", "split_method": "str", "seed": "int", "allow_undecodable": "bool",
-    "wandb_mode": "str", "resume": "bool", "max_steps": "int", "progress": "bool", "package_source": "str"}
+    "wandb_mode": "str", "resume": "bool", "max_steps": "int", "gpus": "str", "progress": "bool",
+    "package_source": "str"}
 
 
 def cells(name):
@@ -31,17 +32,22 @@ def bootstrap_source(name="01_data_prep"):
     return next(c.source for c in cells(name) if "bootstrap" in c.metadata.get("tags", []))
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+SWEEP_PARAMETERS = {"grid": "str", "seeds": "int", "experts": "list", "experts_per_token": "list",
+                    "keep_active_params": "bool", "budget_tokens": "int", "max_hours": "float", "kernel": "str"}
+
+
+@pytest.mark.parametrize("name", (*NOTEBOOKS, "05_sweep"))
 def test_papermill_reads_every_parameter_with_its_type_and_no_warning(name, caplog):
     import papermill as pm
     with caplog.at_level(logging.WARNING, logger="papermill"):
         params = pm.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))
-    assert {k: v["inferred_type_name"] for k, v in params.items()} == EXPECTED_PARAMETERS
+    expected = {**EXPECTED_PARAMETERS, **(SWEEP_PARAMETERS if name == "05_sweep" else {})}
+    assert {k: v["inferred_type_name"] for k, v in params.items()} == expected
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
 def test_every_notebook_starts_with_its_parameters_then_the_same_bootstrap():
-    for name in NOTEBOOKS:
+    for name in (*NOTEBOOKS, "05_sweep"):
         code = [c for c in cells(name) if c.cell_type == "code"]
         assert "parameters" in code[0].metadata.tags, name
         assert "bootstrap" in code[1].metadata.tags and "remove_cell" in code[1].metadata.tags, name

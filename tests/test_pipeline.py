@@ -158,7 +158,7 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
 
 def test_notebooks_are_committed_clean_and_share_their_parameters():
     names = None
-    for name in NOTEBOOKS:
+    for name in (*NOTEBOOKS, "05_sweep"):
         nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
@@ -166,6 +166,6 @@ def test_notebooks_are_committed_clean_and_share_their_parameters():
         assert len(params) == 1, name
         assigned = {n.target.id for n in ast.parse(params[0].source).body}
         names = names or assigned
-        assert assigned == names, name
+        assert assigned == names or (name == "05_sweep" and assigned > names), name   # 05 adds the sweep's
         logic = [c for c in code if c not in params and "bootstrap" not in c.metadata.get("tags", [])]
         assert all(len(c.source.splitlines()) <= 10 for c in logic), f"{name} has a long code cell"

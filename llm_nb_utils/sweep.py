@@ -1,0 +1,367 @@
+"""A sweep: many training runs at one budget, each a papermill execution of a training notebook.
+
+    python -m llm_nb_utils.sweep --preset small --grid seeds --seeds 3 --max-steps 300
+    python -m llm_nb_utils.sweep --preset small --grid moe --experts 2 4 8 --per-token 1 2
+
+Two grids answer the two questions one run per model cannot:
+- ``seeds``: both models x S seeds. Is MoE-GQA's lower loss the architecture or the luck of one
+  initialisation and data order?
+- ``moe``: ``num_experts`` x ``num_experts_per_token`` x S seeds, GPT-2 as the reference row (the
+  search over MoE settings the study left as future work).
+
+Every point trains for the same budget (steps, or tokens turned into steps) on the same prepared data.
+A seed sets both the initialisation and the order of the training windows, so the GPT-2 and MoE-GQA
+runs of one seed see the same batches: their difference is measured pair by pair.
+
+The sweep folder holds `data/` (prepared once), `sweep.json` (the budget and base settings) and
+`runs/<point>/`, a run directory per point with its executed notebook, metrics and checkpoints. A
+sweep that stops (Ctrl-C, a session cut off) is continued by the same command: finished points are
+skipped, an interrupted one resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .config import Config, ConfigError, changed_settings
+from .files import DamagedFileError, StorageError, read_json, write_json
+from .progress import format_duration
+
+KAGGLE_SESSION_HOURS = 12.0
+NOTEBOOK = {"gpt2": "02_gpt2_baseline", "moe_gqa": "03_moe_gqa"}
+MOE_KEYS = ("num_experts", "num_experts_per_token", "moe_intermediate_size")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One training run of the sweep. MoE points carry their expert settings; GPT-2 has none."""
+    model: str
+    seed: int
+    num_experts: int = 0
+    num_experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+
+    @property
+    def design(self) -> str:
+        """The point without its seed: what the sweep's table has one row for."""
+        if self.model == "gpt2":
+            return "GPT-2"
+        return f"MoE-GQA {self.num_experts}x{self.num_experts_per_token} ({self.moe_intermediate_size})"
+
+    @property
+    def name(self) -> str:
+        if self.model == "gpt2":
+            return f"gpt2-seed{self.seed}"
+        return (f"moe_gqa-e{self.num_experts}k{self.num_experts_per_token}"
+                f"-w{self.moe_intermediate_size}-seed{self.seed}")
+
+    def overrides(self) -> dict:
+        return {} if self.model == "gpt2" else {k: getattr(self, k) for k in MOE_KEYS}
+
+
+def seed_list(base_seed: int, n: int) -> list[int]:
+    if n < 1:
+        raise ConfigError(f"seeds must be at least 1 (got {n})")
+    return [base_seed + i for i in range(n)]
+
+
+def moe_width(cfg: Config, per_token: int, keep_active: bool) -> int:
+    """The expert width: the preset's, or scaled so that per_token x width (the feed-forward work a
+    token gets) stays the preset's num_experts_per_token x moe_intermediate_size."""
+    if not keep_active:
+        return cfg.moe_intermediate_size
+    active = cfg.num_experts_per_token * cfg.moe_intermediate_size
+    if active % per_token:
+        raise ConfigError(f"keep_active_params: {active} (num_experts_per_token x moe_intermediate_size) is not "
+                          f"divisible by {per_token} experts per token. Fix: choose per-token counts that divide it.")
+    return active // per_token
+
+
+def grid_points(cfg: Config, grid: str, seeds: list[int], experts=(2, 4, 8), per_token=(1, 2),
+                keep_active: bool = False) -> list[Point]:
+    """The points of a grid, GPT-2 first, in seed-major order (a cut-off sweep has whole seeds done)."""
+    if grid == "seeds":
+        designs = [("gpt2", 0, 0, 0), ("moe_gqa", cfg.num_experts, cfg.num_experts_per_token,
+                                       cfg.moe_intermediate_size)]
+    elif grid == "moe":
+        bad = [(e, k) for e in experts for k in per_token if k > e or e < 1 or k < 1]
+        if bad:
+            raise ConfigError(f"MoE grid: experts per token must be between 1 and the number of experts (got "
+                              f"{', '.join(f'{e} experts x {k} per token' for e, k in bad)}). Fix: drop those values.")
+        designs = [("gpt2", 0, 0, 0)] + [("moe_gqa", e, k, moe_width(cfg, k, keep_active))
+                                         for e in experts for k in per_token]
+    else:
+        raise ConfigError(f"grid must be 'seeds' or 'moe' (got {grid!r})")
+    return [Point(m, s, e, k, w) for s in seeds for (m, e, k, w) in designs]
+
+
+def budget_steps(cfg: Config, tokens: int = 0) -> int:
+    """Optimizer steps per run: `tokens` turned into whole steps, else the config's max_steps."""
+    if tokens:
+        return math.ceil(tokens / (cfg.batch_size * cfg.context_length))
+    if not cfg.max_steps:
+        raise ConfigError(f"a sweep needs a budget per run, and the {cfg.preset} preset trains for whole epochs "
+                          "(max_steps=0). Fix: give max_steps (steps per run) or budget_tokens.")
+    return cfg.max_steps
+
+
+def seconds_per_step(name: str, cfg: Config, steps: int = 3) -> float:
+    """Wall-clock seconds of one training step of `name` under `cfg`, on random tokens, after one
+    warm-up step: enough to size a sweep, not a benchmark (benchmarks/ has those)."""
+    import torch
+    from .device import resolve_device, resolve_precision, synchronize
+    from .models import build_model
+    from .train import make_optimizer, training_step
+    prec = resolve_precision(cfg.dtype, resolve_device(cfg.device), cfg.force_dtype)
+    model = build_model(name, cfg).to(prec.device)
+    optimizer = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler)
+    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.context_length), generator=torch.Generator().manual_seed(0))
+    training_step(model, x, x, optimizer, scaler, prec, cfg)
+    synchronize(prec.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        training_step(model, x, x, optimizer, scaler, prec, cfg)
+    synchronize(prec.device)
+    return (time.perf_counter() - t0) / steps
+
+
+class Sweep:
+    """The plan of a sweep in a folder: base settings, budget, points; what is done; what it costs."""
+
+    def __init__(self, cfg: Config, folder: Path, points: list[Point], steps: int, log=print):
+        self.cfg, self.folder, self.points, self.steps, self.log = cfg, Path(folder), points, steps, log
+        self.step_s: dict[str, float] = {}      # measured seconds per training step, by design
+
+    @property
+    def tokens_per_run(self) -> int:
+        return self.steps * self.cfg.batch_size * self.cfg.context_length
+
+    def point_config(self, p: Point) -> Config:
+        return self.cfg.replace(seed=p.seed, max_steps=self.steps, **p.overrides())
+
+    def run_dir(self, p: Point) -> Path:
+        return self.folder / "runs" / p.name
+
+    def check_plan(self) -> None:
+        """A sweep folder keeps one budget and one set of base settings: points trained otherwise
+        would not compare. More seeds or grid points may be added."""
+        plan = {"preset": self.cfg.preset, "steps": self.steps,
+                "settings": {k: v for k, v in changed_settings(self.cfg).items()
+                             if k not in ("seed", "max_steps", *MOE_KEYS)}}
+        path = self.folder / "sweep.json"
+        if path.exists():
+            old = read_json(path, "delete sweep.json to start the sweep over")
+            if old != plan:
+                raise ConfigError(
+                    f"{self.folder} holds a sweep with other settings (budget {old.get('steps')} steps, preset "
+                    f"{old.get('preset')}, settings {old.get('settings')}; now {self.steps} steps, preset "
+                    f"{self.cfg.preset}, settings {plan['settings']}). Fix: the same settings to continue it, or "
+                    "another run_dir for a new sweep.")
+        else:
+            write_json(path, plan)
+
+    def finished(self, p: Point) -> dict | None:
+        """The metrics of a point trained to the full budget, or None."""
+        path = self.run_dir(p) / "metrics" / f"{p.model}.json"
+        if not path.exists():
+            return None
+        try:
+            m = read_json(path, "")
+        except (DamagedFileError, OSError):
+            return None                           # damaged: the point's notebook rebuilds it
+        return m if m.get("steps") == self.steps and m.get("config", {}).get("seed") == p.seed else None
+
+    def plan_table(self) -> pd.DataFrame:
+        return pd.DataFrame([{"run": p.name, "model": p.design, "seed": p.seed,
+                              "status": "done" if self.finished(p) else "to run"} for p in self.points])
+
+    # --- the cost, before starting -----------------------------------------------------------------
+    def measure(self, points: list[Point], steps: int = 3) -> None:
+        """Seconds per training step of the designs of `points`, from a few steps on random tokens."""
+        for p in {p.design: p for p in points}.values():
+            if p.design not in self.step_s:
+                self.step_s[p.design] = seconds_per_step(p.model, self.point_config(p), steps)
+
+    def run_seconds(self, p: Point) -> float:
+        """Training plus evaluation (an evaluation batch counted as a third of a training step)."""
+        cfg, step = self.cfg, self.step_s[p.design]
+        evals = self.steps // cfg.eval_freq + 1
+        eval_batches = evals * 2 * cfg.eval_iter + (cfg.test_batches or self.test_batches())
+        return step * (self.steps + eval_batches / 3)
+
+    def test_batches(self) -> int:
+        from .prepare import load_meta
+        try:
+            tokens = load_meta(self.folder / "data")["splits"]["test"]["tokens"]
+        except Exception:
+            return 0
+        return max(1, tokens // self.cfg.stride // self.cfg.batch_size)
+
+    def estimate(self, max_hours: float = KAGGLE_SESSION_HOURS) -> float:
+        """Print the runs, the time per run and in total; warn past `max_hours` or a Kaggle session."""
+        todo = [p for p in self.points if not self.finished(p)]
+        self.measure(todo)
+        total = sum(self.run_seconds(p) for p in todo)
+        self.log(f"sweep: {len(self.points)} runs of {self.steps:,} steps ({self.tokens_per_run:,} training tokens) "
+                 f"each; {len(self.points) - len(todo)} done, {len(todo)} to run")
+        if not todo:
+            return 0.0
+        for design, s in self.step_s.items():
+            p = next(p for p in self.points if p.design == design)
+            self.log(f"  {design}: {s:.3f} s/step measured -> about {format_duration(self.run_seconds(p))} per run")
+        self.log(f"  estimated total: {format_duration(total)} (training and evaluation, plus each run's "
+                 "notebook start: a new kernel and its imports)")
+        for limit, what in ((max_hours, f"max_hours={max_hours:g}"), (KAGGLE_SESSION_HOURS, "a Kaggle session (12 h)")):
+            if total > limit * 3600:
+                self.log(f"warning: the estimated {format_duration(total)} exceed {what}. The sweep stops cleanly "
+                         "when cut off and the same command continues it; or lower the budget or the seeds.")
+                break
+        return total
+
+    # --- running -------------------------------------------------------------------------------------
+    def link_data(self, p: Point) -> None:
+        """Every point trains on the sweep's one prepared data folder."""
+        run = self.run_dir(p)
+        run.mkdir(parents=True, exist_ok=True)
+        if not (run / "data").exists():
+            (run / "data").symlink_to(Path("..") / ".." / "data", target_is_directory=True)
+
+    def run(self, wandb_mode: str = "offline", kernel: str = "python3", gpus="auto") -> list[str]:
+        """Train every point not yet done, one papermill execution each. A failed point is reported
+        and the sweep goes on; an interrupt stops it (PipelineInterrupted). Returns the failures."""
+        from .pipeline import PipelineError, PipelineInterrupted, run_pipeline
+        failures = []
+        for i, p in enumerate(self.points, 1):
+            head = f"[sweep] {i}/{len(self.points)} {p.name}"
+            if done := self.finished(p):
+                self.log(f"{head}: done earlier, skipped (test loss {done['test_loss']:.4f}, "
+                         f"{format_duration(done['train_time_s'])} of training)")
+                continue
+            self.link_data(p)
+            run = self.run_dir(p)
+            params = dict(preset=self.cfg.preset, overrides={**changed_settings(self.cfg), **p.overrides()},
+                          seed=p.seed, max_steps=self.steps, wandb_mode=wandb_mode, resume=True, progress=False,
+                          gpus=gpus)
+            t0 = time.perf_counter()
+            (run / "logs").mkdir(parents=True, exist_ok=True)
+            with open(run / "logs" / "output.log", "a") as out:
+                try:
+                    run_pipeline(params, run, (NOTEBOOK[p.model],), html=False, kernel=kernel,
+                                 log=lambda *_: None, stdout=out, stderr=out)
+                except PipelineInterrupted:
+                    self.log(f"{head}: interrupted; its state is saved, and the same command continues the sweep")
+                    raise
+                except PipelineError as e:
+                    failures.append(f"{p.name}: {str(e).splitlines()[0]}")
+                    self.log(f"{head}: FAILED ({str(e).splitlines()[0]}); its log: runs/{p.name}/logs/output.log. "
+                             "The sweep goes on; a re-run retries it.")
+                    continue
+            m = self.finished(p)
+            est = f" (estimated {format_duration(self.run_seconds(p))})" if p.design in self.step_s else ""
+            self.log(f"{head}: test loss {m['test_loss']:.4f} in {format_duration(time.perf_counter() - t0)}{est}")
+        return failures
+
+    # --- results -------------------------------------------------------------------------------------
+    def results(self) -> tuple[pd.DataFrame, dict[str, list]]:
+        """One row per finished point, and each point's loss history by name."""
+        rows, histories = [], {}
+        for p in self.points:
+            m = self.finished(p)
+            if m is None:
+                continue
+            histories[p.name] = m["history"]
+            rows.append({"run": p.name, "model": p.model, "design": p.design, "seed": p.seed,
+                         "num_experts": p.num_experts, "num_experts_per_token": p.num_experts_per_token,
+                         "test_loss": m["test_loss"], "test_perplexity": m["test_perplexity"],
+                         "test_bits_per_byte": m.get("test_bits_per_byte", math.nan),
+                         "tokens_per_s": m["tokens_per_s"], "peak_memory_mb": m["peak_memory_mb"],
+                         "total_params": m["total_params"], "active_params": m["active_params"],
+                         "flops_per_token": m["flops_per_token"],
+                         "training_flops": m["flops_per_token"] * m["tokens_seen"],
+                         "train_time_s": m["train_time_s"], "steps": m["steps"], "tokens_seen": m["tokens_seen"],
+                         "device_name": m["device_name"], "dtype": m["dtype"]})
+        return pd.DataFrame(rows), histories
+
+
+def plan(cfg: Config, folder: str | Path, grid: str = "seeds", seeds: int = 3, experts=(2, 4, 8),
+         per_token=(1, 2), keep_active_params: bool = False, budget_tokens: int = 0, log=print) -> Sweep:
+    """The sweep of `grid` around `cfg` (its seed is the first seed) in `folder`, checked against what
+    the folder already holds."""
+    points = grid_points(cfg, grid, seed_list(cfg.seed, seeds), tuple(experts), tuple(per_token), keep_active_params)
+    sweep = Sweep(cfg, Path(folder), points, budget_steps(cfg, budget_tokens), log)
+    for p in points:      # every point's settings valid before any work (e.g. 8 experts x 2 per token)
+        sweep.point_config(p)
+    sweep.check_plan()
+    return sweep
+
+
+def main(argv=None) -> int:
+    """Execute notebook 05 with papermill (it plans, estimates, runs the points and reports), and
+    render its HTML report."""
+    from .config import PRESETS, make_config, parse_overrides
+    from .device import DeviceError, resolve_device
+    from .distributed import Dist, resolve_gpus
+    from .env import default_run_dir
+    from .notebook import resolve_preset
+    from .pipeline import resume_command, run_from_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m llm_nb_utils.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="auto", choices=["auto", *sorted(PRESETS)])
+    p.add_argument("--grid", default="seeds", choices=["seeds", "moe"])
+    p.add_argument("--seeds", type=int, default=3, help="seeds per design (the first is --seed)")
+    p.add_argument("--seed", type=int, default=None, help="the first seed (default: the preset's, 123)")
+    p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="moe grid: numbers of experts")
+    p.add_argument("--per-token", type=int, nargs="+", default=[1, 2], help="moe grid: experts per token")
+    p.add_argument("--keep-active-params", action="store_true",
+                   help="moe grid: scale the expert width so per-token x width stays the preset's")
+    p.add_argument("--max-steps", type=int, default=0, help="budget per run in steps (default: the preset's)")
+    p.add_argument("--budget-tokens", type=int, default=0, help="budget per run in training tokens (wins over steps)")
+    p.add_argument("--max-hours", type=float, default=KAGGLE_SESSION_HOURS, help="warn above this estimated total")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting")
+    p.add_argument("--source", default="auto", choices=["auto", "local", "gutenberg"])
+    p.add_argument("--corpus-dir", default="")
+    p.add_argument("--wandb-mode", default="offline", choices=["online", "offline", "disabled"])
+    p.add_argument("--gpus", default="auto", help="training processes per run (auto: every visible CUDA GPU)")
+    p.add_argument("--out", default="", help="sweep folder (default: outputs/sweep-<grid>-<preset>)")
+    p.add_argument("--kernel", default="python3")
+    args = p.parse_args(argv)
+
+    preset, why = resolve_preset(args.preset)
+    try:
+        overrides = parse_overrides(args.set)
+        flags = {k: v for k, v in (("seed", args.seed), ("max_steps", args.max_steps or None)) if v is not None}
+        cfg = make_config(preset, {**overrides, **flags})
+        out = Path(args.out) if args.out else default_run_dir(preset).with_name(f"sweep-{args.grid}-{preset}")
+        resolve_device(cfg.device)
+        Dist(world_size=resolve_gpus(args.gpus, cfg.device)).check_batch(cfg.batch_size)
+        plan(cfg, out, args.grid, args.seeds, args.experts, args.per_token, args.keep_active_params,
+             args.budget_tokens, log=lambda *_: None)          # refuse a bad grid before starting a kernel
+    except (ConfigError, StorageError, DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    params = dict(preset=preset, overrides=overrides, run_dir=str(out), corpus_source=args.source,
+                  corpus_dir=args.corpus_dir, seed=cfg.seed, max_steps=args.max_steps, wandb_mode=args.wandb_mode,
+                  progress=False, grid=args.grid, seeds=args.seeds, experts=args.experts,
+                  experts_per_token=args.per_token, keep_active_params=args.keep_active_params,
+                  budget_tokens=args.budget_tokens, max_hours=args.max_hours, kernel=args.kernel, gpus=args.gpus)
+    print(f"[sweep] preset {preset} ({why}); folder {out}")
+    t0 = time.perf_counter()
+    resume = resume_command(argv).replace("llm_nb_utils.pipeline", "llm_nb_utils.sweep")
+    status, reports = run_from_cli(params, out, ("05_sweep",), resume, "sweep", kernel=args.kernel)
+    if status is not None:
+        return status
+    print(f"\n[sweep] finished in {format_duration(time.perf_counter() - t0)}; report: {reports[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The sweep: its statistics against hand computations, its plan, and a whole smoke sweep through
+papermill, interrupted and continued."""
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from llm_nb_utils.config import ConfigError, make_config
+from llm_nb_utils.env import REPO
+from llm_nb_utils.stats import mean_ci, paired_difference
+from llm_nb_utils import sweep, sweep_report
+
+T_975_DF2 = 4.302653      # Student's t, 97.5% quantile, 2 degrees of freedom (any t table)
+T_975_DF1 = 12.706205
+T_95_DF2 = 2.919986       # 95% quantile, 2 degrees of freedom
+
+
+# --- statistics --------------------------------------------------------------------------------------
+def test_mean_ci_by_hand():
+    # 1, 2, 3: mean 2, sample sd 1, standard error 1/sqrt(3)
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert half == pytest.approx(T_975_DF2 / math.sqrt(3), rel=1e-6)
+    # two values 4 and 6: mean 5, sd sqrt(2), se 1
+    assert mean_ci([4.0, 6.0]) == pytest.approx((5.0, T_975_DF1), rel=1e-6)
+    assert math.isnan(mean_ci([3.5])[1])
+    with pytest.raises(ValueError):
+        mean_ci([])
+
+
+def test_paired_t_test_by_hand():
+    # differences m + (-1, 0, 1): sd 1, se 1/sqrt(3); with m = 4.302653/sqrt(3), t is the 97.5% quantile
+    # of t(2), so the two-sided p is 0.05 and the 95% interval's lower end is exactly 0
+    m = T_975_DF2 / math.sqrt(3)
+    a = [10.0, 20.0, 30.0]
+    b = [x + m + e for x, e in zip(a, (-1.0, 0.0, 1.0))]
+    d = paired_difference(a, b)
+    assert d.n == 3 and d.mean == pytest.approx(m)
+    assert d.t == pytest.approx(T_975_DF2, rel=1e-6)
+    assert d.p == pytest.approx(0.05, rel=1e-4)
+    assert d.ci_low == pytest.approx(0.0, abs=1e-6) and d.ci_high == pytest.approx(2 * m, rel=1e-6)
+    # t at the 95% quantile: p = 0.10, and the interval covers zero
+    m = T_95_DF2 / math.sqrt(3)
+    d = paired_difference(a, [x + m + e for x, e in zip(a, (-1.0, 0.0, 1.0))])
+    assert d.p == pytest.approx(0.10, rel=1e-4) and d.covers_zero
+    # the sign: b lower than a gives a negative difference
+    assert paired_difference([3.0, 3.1, 3.2], [2.9, 2.95, 3.1]).mean == pytest.approx(-0.1166667, rel=1e-5)
+
+
+def test_paired_difference_edge_cases():
+    one = paired_difference([3.0], [2.9])
+    assert one.n == 1 and one.mean == pytest.approx(-0.1) and math.isnan(one.p) and one.covers_zero
+    same = paired_difference([1.0, 2.0], [1.5, 2.5])          # identical differences: no spread
+    assert same.mean == pytest.approx(0.5) and same.p == 0.0 and not same.covers_zero
+    with pytest.raises(ValueError, match="same non-zero length"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+# --- the plan ------------------------------------------------------------------------------------------
+def test_grids_name_every_point_and_keep_active_work_constant():
+    cfg = make_config("small", device="cpu")
+    pts = sweep.grid_points(cfg, "seeds", [1, 2])
+    assert [p.name for p in pts] == ["gpt2-seed1", "moe_gqa-e4k2-w512-seed1", "gpt2-seed2", "moe_gqa-e4k2-w512-seed2"]
+    moe = sweep.grid_points(cfg, "moe", [7], experts=(2, 4, 8), per_token=(1, 2), keep_active=True)
+    assert len(moe) == 1 + 6 and moe[0].model == "gpt2"
+    assert {(p.num_experts_per_token, p.moe_intermediate_size) for p in moe[1:]} == {(1, 1024), (2, 512)}
+    assert sweep.grid_points(cfg, "moe", [7], (2, 4), (1,))[1].moe_intermediate_size == 512
+    with pytest.raises(ConfigError, match="2 experts x 4 per token"):
+        sweep.grid_points(cfg, "moe", [7], (2,), (4,))
+    with pytest.raises(ConfigError, match="not divisible by 3"):
+        sweep.grid_points(cfg, "moe", [7], (4,), (3,), keep_active=True)
+    with pytest.raises(ConfigError, match="grid must be"):
+        sweep.grid_points(cfg, "experts", [7])
+
+
+def test_budget_in_steps_or_tokens_and_paper_needs_one():
+    cfg = make_config("small", device="cpu")              # 8 x 128 = 1,024 tokens per step
+    assert sweep.budget_steps(cfg) == 300
+    assert sweep.budget_steps(cfg, tokens=10_000) == 10   # whole steps, rounded up
+    with pytest.raises(ConfigError, match="needs a budget"):
+        sweep.budget_steps(make_config("paper", device="cpu"))
+
+
+def test_a_folder_keeps_one_budget(tmp_path):
+    cfg = make_config("smoke", device="cpu", max_steps=10)
+    sweep.plan(cfg, tmp_path, "seeds", seeds=2, log=lambda *_: None)
+    sweep.plan(cfg, tmp_path, "seeds", seeds=3, log=lambda *_: None)      # more seeds: fine
+    with pytest.raises(ConfigError, match="budget 10 steps.*now 20 steps"):
+        sweep.plan(cfg.replace(max_steps=20), tmp_path, "seeds", seeds=2)
+    with pytest.raises(ConfigError, match="lr"):
+        sweep.plan(cfg.replace(lr=1e-3), tmp_path, "seeds", seeds=2)
+
+
+def test_the_estimate_counts_what_is_left_and_warns_past_the_limit(tmp_path):
+    cfg = make_config("smoke", device="cpu", max_steps=10)     # eval every 10 steps on 2 batches; 50 test batches
+    lines = []
+    sw = sweep.plan(cfg, tmp_path, "seeds", seeds=2, log=lines.append)
+    sw.step_s = {"GPT-2": 1.0, "MoE-GQA 4x2 (128)": 2.0}         # as if measured
+    # per run: 10 steps + (2 evaluations x 2 splits x 2 batches + 50 test batches) / 3 = 29.33 step-times
+    assert sw.estimate(max_hours=1.0) == pytest.approx(2 * (1.0 + 2.0) * (10 + 58 / 3))
+    assert not any("warning" in l for l in lines)
+    sw.estimate(max_hours=0.01)
+    assert "exceed max_hours=0.01" in lines[-1]
+
+
+# --- the report ----------------------------------------------------------------------------------------
+def fake_runs(gpt2, moe):
+    rows = []
+    for model, design, losses in (("gpt2", "GPT-2", gpt2), ("moe_gqa", "MoE-GQA 4x2 (512)", moe)):
+        for seed, loss in zip((1, 2, 3), losses):
+            rows.append(dict(run=f"{model}-{seed}", model=model, design=design, seed=seed, test_loss=loss,
+                             test_perplexity=math.exp(loss), test_bits_per_byte=loss / 3, tokens_per_s=1000.0,
+                             peak_memory_mb=500.0, total_params=100, active_params=80, flops_per_token=6e8,
+                             training_flops=6e14))
+    return pd.DataFrame(rows)
+
+
+def test_the_conclusion_follows_the_interval():
+    clear = fake_runs([5.0, 5.1, 5.2], [4.9, 4.95, 5.1])          # differences -0.1, -0.15, -0.1
+    text = sweep_report.conclusion(clear, 300, 307_200)
+    assert "**lower**" in text and "excludes zero" in text and "300 steps (307,200 tokens)" in text
+    noisy = fake_runs([5.0, 5.1, 5.2], [5.1, 4.9, 5.2])           # +0.1, -0.2, 0
+    text = sweep_report.conclusion(noisy, 300, 307_200)
+    assert "**not distinguishable**" in text and "covers zero" in text
+    table = sweep_report.design_table(clear)
+    mean, half = mean_ci([5.0, 5.1, 5.2])
+    assert table.loc["GPT-2", "Test loss"] == f"{mean:.4f} ± {half:.4f}"
+    diffs = sweep_report.differences_table(sweep_report.differences(clear), clear)
+    assert diffs.loc["MoE-GQA 4x2 (512)", "Test loss − GPT-2"] == "-0.1167"
+
+
+# --- a whole sweep -------------------------------------------------------------------------------------
+def sweep_cmd(corpus, out):
+    return [sys.executable, "-m", "llm_nb_utils.sweep", "--preset", "smoke", "--grid", "moe", "--experts", "2", "4",
+            "--per-token", "1", "--seeds", "2", "--max-steps", "10", "--corpus-dir", str(corpus),
+            "--out", str(out), "--set", "device=cpu"]
+
+
+@pytest.mark.slow
+def test_a_smoke_sweep_interrupted_and_continued_through_papermill(tiny_corpus, tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(sweep_cmd(tiny_corpus, out), cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=False)
+    first = out / "runs" / "gpt2-seed123" / "metrics" / "gpt2.json"
+    second = out / "runs" / "moe_gqa-e2k1-w128-seed123" / "metrics" / "moe_gqa.json"
+    deadline = time.time() + 400
+    while not second.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert second.exists(), "two points should have finished"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    assert "to continue where it stopped: python -m llm_nb_utils.sweep" in stderr
+    finished_at = {p: p.stat().st_mtime_ns for p in (first, second)}
+
+    again = subprocess.run(sweep_cmd(tiny_corpus, out), cwd=REPO, env=env, text=True, capture_output=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1/6 gpt2-seed123: done earlier, skipped" in again.stdout
+    assert "2/6 moe_gqa-e2k1-w128-seed123: done earlier, skipped" in again.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in finished_at.items())      # not trained again
+    assert len(list(out.glob("runs/gpt2-*/metrics/gpt2.json")) + list(out.glob("runs/moe*/metrics/moe_gqa.json"))) == 6
+    assert len(list(out.glob("runs/*/notebooks/0[23]_*.ipynb"))) == 6             # a notebook per run
+
+    html = (out / "reports" / "05_sweep.html").read_text()
+    assert "Conclusion" in html and "seed(s) per design" in html and "Paired t" in html
+    for stray in ("PosixPath(", "<Figure size", "IPython.core.display", "object at 0x", ">NaN<", ">nan<",
+                  "No description has been provided for this image", str(out)):
+        assert stray not in html, stray
+    images = re.findall(r"<img [^>]*>", html)
+    assert len(images) == 2 and all('alt="' in i for i in images)
