@@ -238,15 +238,6 @@ MEMORY_KINDS = {"cuda_max_memory_allocated_mb": "GPU memory allocated by torch (
                 "process_peak_rss_mb": "the process's peak resident memory (Linux VmHWM)"}
 
 
-def _processes(m: dict) -> str:
-    """'1', or '2 (DDP); peak memory per rank 1,200 / 1,180 MB': the memory row is the largest rank's."""
-    world = m.get("world_size", 1)
-    if world == 1:
-        return "1"
-    per_rank = " / ".join(f"{v:,.0f}" for v in m.get("peak_memory_mb_per_rank", []))
-    return f"{world} (DDP); peak memory per rank {per_rank} MB, the largest reported"
-
-
 def environment_table(metrics: dict[str, dict], data_meta: dict | None = None) -> pd.DataFrame:
     """Where and how each model ran, in words."""
     from .config import changed_settings
@@ -259,7 +250,10 @@ def environment_table(metrics: dict[str, dict], data_meta: dict | None = None) -
             "torch": m["torch_version"], "Preset": m["preset"],
             "Changed settings": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none",
             "Training steps": f"{m['steps']:,}",
-            "Training processes": _processes(m),
+            "Training processes": "1" if m.get("world_size", 1) == 1 else f"{m['world_size']} (DDP)",
+            # Table 2's peak memory is the largest rank's
+            "Peak memory per rank (MB)": " / ".join(f"{v:,.0f}" for v in m.get("peak_memory_mb_per_rank",
+                                                                            [m["peak_memory_mb"]])),
             "Peak memory measured as": MEMORY_KINDS.get(m["peak_memory_kind"], m["peak_memory_kind"])}
         if data_meta:
             c = data_meta["corpus"]

@@ -56,6 +56,21 @@ def test_gpus_setting():
             resolve_gpus(bad, "cpu")
 
 
+def test_gpus_of_different_kinds_or_too_many_are_refused(monkeypatch):
+    from llm_nb_utils.device import DeviceError
+    from llm_nb_utils.distributed import check_gpus
+    gpus = [("Tesla P100-PCIE-16GB", (6, 0)), ("Tesla T4", (7, 5))]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: gpus[i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: gpus[i][1])
+    with pytest.raises(DeviceError, match=r"different kinds \(Tesla P100-PCIE-16GB, Tesla T4\).*Fix: gpus=1"):
+        check_gpus(2)
+    with pytest.raises(DeviceError, match="3 GPUs were asked for but 2 are visible"):
+        check_gpus(3)
+    gpus[0] = gpus[1]
+    check_gpus(2)                                  # two T4s: fine
+
+
 # --- whole runs ----------------------------------------------------------------------------------------
 def run_dir_with_data(prepared_run, path: Path) -> Path:
     path.mkdir(parents=True)
