@@ -121,8 +121,8 @@ def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True
     """Execute `notebooks` in order; stop at the first failure with the notebook, cell and error.
 
     What the notebooks print streams as it comes to `stdout`/`stderr` (this process's, unless other
-    open files are given). Raises
-    PipelineInterrupted after a Ctrl-C, once the interrupted notebook is saved and rendered.
+    open files are given). Raises PipelineInterrupted after a Ctrl-C, once the interrupted notebook
+    is saved and rendered.
     """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
