@@ -22,7 +22,6 @@ import os
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,10 +30,9 @@ import torch  # noqa: E402
 
 from llm_nb_utils.accounting import model_summary  # noqa: E402
 from llm_nb_utils.config import make_config, parse_overrides  # noqa: E402
-from llm_nb_utils.device import (maybe_compile, peak_memory, reset_peak_memory, resolve_device,  # noqa: E402
-                                 resolve_precision, synchronize)
+from llm_nb_utils.device import peak_memory, reset_peak_memory, resolve_device, resolve_precision  # noqa: E402
 from llm_nb_utils.models import build_model  # noqa: E402
-from llm_nb_utils.train import make_optimizer, training_step  # noqa: E402
+from llm_nb_utils.steptime import time_training_steps  # noqa: E402
 
 # Dense peak TFLOP/s for the dtype a run uses (vendor datasheets; dense,
 # no sparsity), by model name as it appears, as a word, in torch.cuda.get_device_name().
@@ -65,33 +63,18 @@ def time_steps(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) -
     torch.manual_seed(0)
     model = build_model(name, cfg).to(prec.device)
     summary = model_summary(model)
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler)
-    forward = maybe_compile(model, cfg.compile, prec.device)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, cfg.vocab_size, (batch_size, cfg.context_length + 1), generator=gen)
-               for _ in range(4)]
-    if prec.device.type == "cuda":
-        batches = [b.pin_memory() for b in batches]
-    synchronize(prec.device)
     reset_peak_memory(prec.device)   # each model's own peak, not the process's since start
-    times = []
-    for i in range(warmup + steps):
-        b = batches[i % len(batches)]
-        t0 = time.perf_counter()
-        training_step(forward, b[:, :-1], b[:, 1:], optimizer, scaler, prec, cfg)
-        synchronize(prec.device)
-        times.append(time.perf_counter() - t0)
+    times = time_training_steps(model, cfg, prec, batch_size, steps, warmup)
     peak_mb, kind = peak_memory(prec.device)
     if name == "moe_gqa":   # which expert dispatch ran: one grouped product, or a loop over experts
         moe = model.blocks[0].moe    # asked as the forward asks: its weights' device, the multiply dtype
         with prec.autocast():
             grouped = moe.uses_grouped_mm(moe.w_up.device, moe.compute_dtype(moe.w_up))
         summary = {**summary, "moe_dispatch": "grouped" if grouped else "loop"}
-    del model, optimizer, forward
+    del model
     if prec.device.type == "cuda":
         torch.cuda.empty_cache()
-    return times[warmup:], peak_mb, kind, summary
+    return times, peak_mb, kind, summary
 
 
 def summarise(name: str, cfg, prec, batch_size: int, timed: list, peak_mb: float, kind: str, summary: dict) -> dict:

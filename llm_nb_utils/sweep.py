@@ -112,24 +112,15 @@ def budget_steps(cfg: Config, tokens: int = 0) -> int:
 
 
 def seconds_per_step(name: str, cfg: Config, steps: int = 3) -> float:
-    """Wall-clock seconds of one training step of `name` under `cfg`, on random tokens, after one
+    """Median wall-clock seconds of a training step of `name` under `cfg`, on random tokens, after one
     warm-up step: enough to size a sweep, not a benchmark (benchmarks/ has those)."""
-    import torch
-    from .device import resolve_device, resolve_precision, synchronize
+    import statistics
+    from .device import resolve_device, resolve_precision
     from .models import build_model
-    from .train import make_optimizer, training_step
+    from .steptime import time_training_steps
     prec = resolve_precision(cfg.dtype, resolve_device(cfg.device), cfg.force_dtype)
     model = build_model(name, cfg).to(prec.device)
-    optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler)
-    x = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.context_length), generator=torch.Generator().manual_seed(0))
-    training_step(model, x, x, optimizer, scaler, prec, cfg)
-    synchronize(prec.device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        training_step(model, x, x, optimizer, scaler, prec, cfg)
-    synchronize(prec.device)
-    return (time.perf_counter() - t0) / steps
+    return statistics.median(time_training_steps(model, cfg, prec, cfg.batch_size, steps, log=lambda *_: None))
 
 
 class Sweep:
