@@ -89,7 +89,8 @@ def resolve_precision(requested_dtype: str, device: torch.device, force: bool = 
         return Precision(device, name, "float32", None, False, "")
     import platform
     name = platform.processor() or platform.machine() or "cpu"
-    name = f"CPU ({name}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    name = f"CPU ({name}, {threads} thread{'' if threads == 1 else 's'})"
     if requested_dtype == "float32":
         return Precision(device, name, "float32", None, False, "")
     if force:

@@ -63,3 +63,18 @@ def setup(preset: str, overrides: dict | None = None, run_dir: str = "", **extra
           f"{json.dumps(changed) if changed else 'none'}")
     print(f"run directory: {_shown_run_dir(path)}")
     return NotebookRun(cfg, path)
+
+
+def prepare_corpus(run: NotebookRun, corpus_source: str = "auto", corpus_dir: str = "",
+                   gutenberg_target_mb: float = 50.0, allow_undecodable: bool = False) -> dict:
+    """Find the corpus (downloading it from Project Gutenberg where no local one is found) and write
+    the run's token files, or reuse them; returns their metadata. Notebooks 01 and 05 both start here."""
+    from .env import resolve_corpus
+    from .gutenberg import download_portuguese_corpus
+    from .prepare import prepare_data
+    source, source_dir, why = resolve_corpus(corpus_source, corpus_dir)
+    print(f"corpus: {source} ({why})")
+    if source == "gutenberg":
+        source_dir = download_portuguese_corpus(run.run_dir / "gutenberg", target_mb=gutenberg_target_mb)
+    return prepare_data(source_dir, run.data_dir, split_method=run.cfg.split_method, ratios=run.cfg.split_ratios,
+                        seed=run.cfg.seed, allow_undecodable=allow_undecodable, source=source)

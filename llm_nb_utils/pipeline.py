@@ -100,15 +100,39 @@ def _images_with_alt_text(nb) -> None:
                 out.metadata = {}
 
 
+def _shorten_long_streams(nb, source: str, head: int = 8, tail: int = 6, most: int = 30) -> None:
+    """A cell's printed text over `most` lines (a long run's progress lines) keeps its first `head`
+    and last `tail` lines in the report, and says where the rest is: the curves show the same run,
+    and a reader should not scroll past hundreds of log lines to reach them."""
+    import nbformat
+    for cell in nb.cells:
+        merged = []        # consecutive prints to one stream, as a reader sees them: one block
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream" and merged and merged[-1].output_type == "stream" \
+                    and merged[-1].name == out.name:
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
+            lines = out.text.splitlines(keepends=True) if out.output_type == "stream" else []
+            if len(lines) > most:
+                left_out = len(lines) - head - tail
+                out.text = "".join([*lines[:head], f"[... {left_out:,} lines left out of this report; "
+                                    f"{source} has them all ...]\n", *lines[-tail:]])
+        if "outputs" in cell:
+            cell.outputs = [nbformat.from_dict(o) for o in merged]
+
+
 def render_html(notebook: Path, html: Path) -> Path:
     """The executed notebook as a report: no parameters cells (a settings line says what ran), no
-    set-up cell, figures with their alt text, no prompts."""
+    set-up cell, figures with their alt text, long printed logs shortened, no prompts."""
     import nbformat
     from nbconvert import HTMLExporter
     nb = nbformat.read(notebook, as_version=4)
     hidden = {"remove_cell", "parameters", "injected-parameters"}
     nb.cells = [c for c in nb.cells if not hidden & set(c.metadata.get("tags", []))]
     _images_with_alt_text(nb)
+    _shorten_long_streams(nb, f"the executed notebook notebooks/{notebook.name}")
     exporter = HTMLExporter()
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True

@@ -125,10 +125,10 @@ def _prepare(corpus_dir, data_dir: Path, split_method, ratios, seed, allow_undec
         "prep_time_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
     }
     write_json(meta_path, meta)    # last: its presence with this fingerprint means "prepared"
-    dropped = {k: len(v) for k, v in meta["dropped"].items()}
+    dropped = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in meta["dropped"].items() if v) or "none"
     log(f"prepared {summary['kept']} documents ({summary['bytes'] / 1e6:.1f} MB) into {data_dir.name}/: "
         + ", ".join(f"{s} {counts[s]['tokens']:,} tokens" for s in SPLITS)
-        + f"; dropped {dropped}; {meta['prep_time_s']} s")
+        + f"; dropped: {dropped}; {meta['prep_time_s']:.1f} s")
     for path, why in summary["not_prose"].items():
         log(f"dropped {path}: {why}")
     return meta

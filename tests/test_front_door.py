@@ -159,6 +159,26 @@ def test_estimate_after_the_first_measured_steps_then_a_line_a_minute():
         "gpt2 step 30/31,000 (0.1%) | loss 5.000 | 819 tokens/s | elapsed 1 min 15 s | ETA 21 h 30 min"]
 
 
+def test_a_long_training_log_is_shortened_in_the_report_and_kept_whole_in_the_notebook(tmp_path):
+    """Papermill records each print as it comes; the report shows the block's head and tail, says
+    how many lines it left out and where they are, and leaves short outputs and other cells alone."""
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+    lines = [f"gpt2 step {i:,}/2,000 | loss 4.000\n" for i in range(1, 101)]
+    long = new_code_cell("train_model(...)", outputs=[new_output("stream", name="stdout", text=t) for t in lines]
+                         + [new_output("stream", name="stderr", text="a warning\n")])
+    short = new_code_cell("print(1)", outputs=[new_output("stream", name="stdout", text="1\n2\n")])
+    nb = new_notebook(cells=[long, short])
+    path = tmp_path / "02_gpt2_baseline.ipynb"
+    nbformat.write(nb, path)
+    html = pipeline.render_html(path, tmp_path / "02.html").read_text()
+    assert "gpt2 step 8/2,000" in html and "gpt2 step 9/2,000" not in html
+    assert "gpt2 step 94/2,000" not in html and "gpt2 step 95/2,000" in html and "gpt2 step 100/2,000" in html
+    assert "[... 86 lines left out of this report; the executed notebook notebooks/02_gpt2_baseline.ipynb " \
+           "has them all ...]" in html
+    assert "a warning" in html and "1\n2" in html
+    assert len(nbformat.read(path, as_version=4).cells[0].outputs) == 101        # the notebook untouched
+
+
 @pytest.mark.slow
 def test_the_paper_preset_on_a_cpu_prints_its_estimate(prepared_run, tmp_path):
     from llm_nb_utils.config import make_config

@@ -132,3 +132,23 @@ def test_offline_error_is_clear(tmp_path):
                                    log=lambda *_: None)
     assert "after 2 attempt(s)" in str(e.value) and "corpus_source='local'" in str(e.value)
     assert not (tmp_path / "pg_catalog.csv").exists()
+
+
+def test_a_notebook_without_a_local_corpus_downloads_one_and_prepares_it(server, tmp_path, monkeypatch, capsys):
+    """What notebooks 01 and 05 run on a fresh Colab machine: auto finds no local corpus, so books
+    come from Gutenberg (here the loopback server) into the run directory, then become token files."""
+    import functools
+    from llm_nb_utils import env, gutenberg
+    from llm_nb_utils.config import make_config
+    from llm_nb_utils.notebook import NotebookRun, prepare_corpus
+    monkeypatch.setattr(env, "SHARED_CORPUS", tmp_path / "no-shared-corpus")
+    monkeypatch.delenv("LLM_CORPUS_DIR", raising=False)
+    monkeypatch.setattr(gutenberg, "download_portuguese_corpus", functools.partial(
+        download_portuguese_corpus, base_url=server.url, backoff=0.0, log=lambda *_: None))
+    run = NotebookRun(make_config("smoke", device="cpu"), tmp_path / "run")
+    meta = prepare_corpus(run, "auto", "", gutenberg_target_mb=1)
+    assert capsys.readouterr().out.startswith("corpus: gutenberg (no local corpus")
+    assert meta["source"] == "gutenberg" and meta["corpus"]["kept"] == 3
+    assert sorted(p.name for p in (run.run_dir / "gutenberg" / "books").iterdir()) == \
+        ["pg101.txt", "pg103.txt", "pg106.txt"]
+    assert all((run.data_dir / f"{s}.bin").stat().st_size > 0 for s in ("train", "val", "test"))

@@ -103,7 +103,8 @@ def test_every_report_renders_cleanly(pipeline_run):
 # missing values, and figures without alt text (nbconvert's placeholder for it).
 STRAY = ["PosixPath(", "<Figure size", "Styler at 0x", "IPython.core.display", "object at 0x",
          "process_peak_rss_mb", "cuda_max_memory_allocated_mb", "tokens_per_sample", "test_perplexity",
-         ">NaN<", ">nan<", "No description has been provided for this image"]
+         ">NaN<", ">nan<", "No description has been provided for this image",
+         "{&#39;", "{&#x27;", "{'"]                                   # a dict's repr in an output
 
 
 def test_reports_have_no_stray_reprs_raw_keys_or_images_without_alt_text(pipeline_run):
