@@ -78,6 +78,22 @@ def run_dir_with_data(prepared_run, path: Path) -> Path:
     return path
 
 
+def test_the_workers_to_interrupt_are_found_as_the_launchers_children():
+    """What a Ctrl-C is forwarded to: torchrun's children, here a parent that started one sleeper."""
+    from llm_nb_utils.launch import _children
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, time; c = subprocess.Popen(['sleep', '60']); "
+                               "print(c.pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _children(parent.pid) == [child]
+        assert _children(child) == []
+    finally:
+        for pid in _children(parent.pid):
+            os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+
+
 @pytest.fixture(scope="module")
 def ddp_cfg():
     from llm_nb_utils.config import make_config
