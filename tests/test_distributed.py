@@ -168,8 +168,11 @@ def test_ctrl_c_stops_every_rank_at_one_step_with_its_state_saved(ddp_cfg, prepa
             "from llm_nb_utils.errors import TrainingInterrupted\n"
             "try:\n    train_model('moe_gqa', Config(**json.loads(sys.argv[2])), sys.argv[1], progress=False, gpus=2)\n"
             "except TrainingInterrupted as e:\n    print('INTERRUPTED:', e); sys.exit(130)\n")
+    # As from a terminal or a notebook: SIGINT raises KeyboardInterrupt. A suite started in the background
+    # by a non-interactive shell inherits SIGINT ignored, and Python then installs no handler for it.
     proc = subprocess.Popen([sys.executable, "-c", code, str(run), json.dumps(cfg.to_dict())], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stdout:                      # rank 0's lines arrive as they are printed
         lines.append(line)
