@@ -48,20 +48,11 @@ def torchrun_command(name: str, cfg: Config, run_dir: Path, nproc: int, resume: 
 
 
 def _children(pid: int) -> list[int]:
-    """The worker processes torchrun started: every process whose parent is `pid` (Linux /proc;
-    empty elsewhere). Read from each process's stat rather than /proc/<pid>/task/*/children, which
-    the kernel documents as unreliable while the process runs."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue          # the process ended meanwhile, or is not readable
-        if ppid == pid:
-            found.append(int(entry.name))
-    return found
+    """The worker processes torchrun started (Linux /proc; empty elsewhere)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _stream(proc: subprocess.Popen, log, lines: list[str]) -> None:
@@ -92,15 +83,8 @@ def launch_training(name: str, cfg: Config, run_dir: str | Path, nproc: int, res
             _stream(proc, log, lines)
             rc = proc.wait()
         except KeyboardInterrupt:
-            workers = _children(proc.pid)
-            if not workers:
-                log(f"{name}: found no worker process of torchrun to interrupt; stopping torchrun instead")
-                os.kill(proc.pid, signal.SIGINT)
-            for pid in workers:
-                try:
-                    os.kill(pid, signal.SIGINT)      # each rank saves at the same step, then stops
-                except ProcessLookupError:
-                    pass
+            for pid in _children(proc.pid):
+                os.kill(pid, signal.SIGINT)          # each rank saves at the same step, then stops
             try:
                 _stream(proc, log, lines)
                 proc.wait(timeout=300)
