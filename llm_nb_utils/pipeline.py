@@ -104,7 +104,6 @@ def _shorten_long_streams(nb, source: str, head: int = 8, tail: int = 6, most: i
     """A cell's printed text over `most` lines (a long run's progress lines) keeps its first `head`
     and last `tail` lines in the report, and says where the rest is: the curves show the same run,
     and a reader should not scroll past hundreds of log lines to reach them."""
-    import nbformat
     for cell in nb.cells:
         merged = []        # consecutive prints to one stream, as a reader sees them: one block
         for out in cell.get("outputs", []):
@@ -120,7 +119,7 @@ def _shorten_long_streams(nb, source: str, head: int = 8, tail: int = 6, most: i
                 out.text = "".join([*lines[:head], f"[... {left_out:,} lines left out of this report; "
                                     f"{source} has them all ...]\n", *lines[-tail:]])
         if "outputs" in cell:
-            cell.outputs = [nbformat.from_dict(o) for o in merged]
+            cell.outputs = merged
 
 
 def render_html(notebook: Path, html: Path) -> Path:
