@@ -67,7 +67,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"; } > 
     if [ "$(left)" -gt 60 ]; then
         stage short_train "$OUT/short_train.log" timeout "$(left)" $PY benchmarks/short_train.py \
             --data "$CARRY/run/data" --run-dir "${RUN_DIR:-/tmp/gpu_run}" --preset "$PRESET" \
-            --max-steps "${TRAIN_STEPS:-3000}" --set device="$DEVICE" --set eval_freq=500 --set test_batches=200 \
+            --max-steps "${TRAIN_STEPS:-3000}" --set device="$DEVICE" --set eval_freq=500 --set test_windows=0 \
             --set checkpoint_every=100000 --json "$OUT/short_train.json"
     else
         skipped+=(short_train)

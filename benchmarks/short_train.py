@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llm_nb_utils.config import make_config, parse_overrides  # noqa: E402
+from llm_nb_utils.arms import ARM_NAMES  # noqa: E402
 from llm_nb_utils.train import train_model  # noqa: E402
 
 
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", default="", help="where checkpoints and metrics go (default: the data's parent)")
     p.add_argument("--preset", default="small")
     p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--models", nargs="+", default=["gpt2", "moe_gqa"])
+    p.add_argument("--models", nargs="+", default=list(ARM_NAMES), choices=ARM_NAMES)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", default="", help="also write the summary here")
     args = p.parse_args(argv)

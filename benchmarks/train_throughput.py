@@ -1,11 +1,12 @@
-"""Training throughput of both models side by side, in one process, with the engine's own step.
+"""Training throughput of every arm side by side, in one process, with the engine's own step.
 
     python benchmarks/train_throughput.py --preset paper --device cpu
     python benchmarks/train_throughput.py --preset paper --device cuda --batch-size 8 64
 
 For each model and batch size: tokens/s over timed steps after warm-up (synchronised on a GPU),
+evaluation tokens/s (forward only, the fused per-token loss, as the test evaluation runs),
 step time, peak memory, achieved FLOP/s and MFU (against the device's peak, known for common GPUs,
-or --peak-tflops), and the MoE-GQA / GPT-2 throughput ratio. Prints a table and writes JSON.
+or --peak-tflops), and each arm's throughput over GPT-2's. Prints a table and writes JSON.
 Random token ids stand in for data: the step's cost does not depend on which tokens they are.
 A benchmark reports figures; it asserts nothing about them.
 
@@ -31,8 +32,8 @@ import torch  # noqa: E402
 from llm_nb_utils.accounting import model_summary  # noqa: E402
 from llm_nb_utils.config import make_config, parse_overrides  # noqa: E402
 from llm_nb_utils.device import peak_memory, reset_peak_memory, resolve_device, resolve_precision  # noqa: E402
-from llm_nb_utils.models import build_model  # noqa: E402
-from llm_nb_utils.steptime import time_training_steps  # noqa: E402
+from llm_nb_utils.arms import ARM_NAMES, ARMS, REFERENCE, build_model  # noqa: E402
+from llm_nb_utils.steptime import time_evaluation_batches, time_training_steps  # noqa: E402
 
 # Dense peak TFLOP/s for the dtype a run uses (vendor datasheets; dense,
 # no sparsity), by model name as it appears, as a word, in torch.cuda.get_device_name().
@@ -66,7 +67,10 @@ def time_steps(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) -
     reset_peak_memory(prec.device)   # each model's own peak, not the process's since start
     times = time_training_steps(model, cfg, prec, batch_size, steps, warmup)
     peak_mb, kind = peak_memory(prec.device)
-    if name == "moe_gqa":   # which expert dispatch ran: one grouped product, or a loop over experts
+    # Evaluation (inference, fused per-token loss) on the same batch size: what a test pass costs.
+    eval_s = statistics.median(time_evaluation_batches(model, cfg, prec, batch_size, max(3, steps // 2), warmup))
+    summary = {**summary, "eval_tokens_per_s": batch_size * cfg.context_length / eval_s}
+    if ARMS[name].has_experts:   # which expert dispatch ran: one grouped product, or a loop over experts
         moe = model.blocks[0].moe    # asked as the forward asks: its weights' device, the multiply dtype
         with prec.autocast():
             grouped = moe.uses_grouped_mm(moe.w_up.device, moe.compute_dtype(moe.w_up))
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1,
                    help="time each model this many times, in alternating order (use 3+ on a noisy CPU)")
-    p.add_argument("--models", nargs="+", default=["gpt2", "moe_gqa"])
+    p.add_argument("--models", nargs="+", default=list(ARM_NAMES), choices=ARM_NAMES)
     p.add_argument("--compile", action="store_true", help="torch.compile (CUDA only)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, overriding the table")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other setting")
@@ -143,20 +147,22 @@ def main(argv=None) -> int:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             print(f"{name:>8} batch {bs:>4}x{cfg.context_length}: {r['tokens_per_s']:>11,.0f} tokens/s | step "
                   f"{1000 * r['step_time_s']:8.1f} ms (median of {r['timed_steps']}) | peak {r['peak_memory_mb']:8,.0f} MB | "
-                  f"{r['achieved_tflops']:7.2f} TFLOP/s | MFU {mfu}"
+                  f"{r['achieved_tflops']:7.2f} TFLOP/s | MFU {mfu} | evaluation {r['eval_tokens_per_s']:,.0f} tokens/s"
                   + (f" | experts: {r['moe_dispatch']}" if "moe_dispatch" in r else ""), flush=True)
     ratios = {}
     for bs in args.batch_size or [cfg.batch_size]:
         by = {r["model"]: r for r in results if r["batch_size"] == bs}
-        if {"gpt2", "moe_gqa"} <= set(by):
-            ratios[str(bs)] = by["moe_gqa"]["tokens_per_s"] / by["gpt2"]["tokens_per_s"]
-            print(f"MoE-GQA / GPT-2 throughput at batch {bs}: {ratios[str(bs)]:.3f}")
+        for name in by:
+            if name != REFERENCE and REFERENCE in by:
+                ratios.setdefault(name, {})[str(bs)] = by[name]["tokens_per_s"] / by[REFERENCE]["tokens_per_s"]
+                print(f"{ARMS[name].label} / {ARMS[REFERENCE].label} throughput at batch {bs}: "
+                      f"{ratios[name][str(bs)]:.3f}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": prec.device_name, "dtype": prec.dtype, "torch": torch.__version__,
                                "preset": args.preset, "threads": torch.get_num_threads(), "rounds": args.rounds,
                                "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-                               "results": results, "moe_over_gpt2": ratios}, indent=1))
+                               "results": results, "over_reference": ratios}, indent=1))
     print(f"written: {out}")
     return 0
 

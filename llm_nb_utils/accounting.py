@@ -5,7 +5,7 @@ FLOPs per token (training, forward + backward) follow PaLM's appendix B:
     6 * N_matmul + 12 * n_layers * n_heads * head_dim * context_length
 
 N_matmul counts the weights that take part in a matrix product for one token: every linear layer
-(the LM head included, tied or not), the router, and only the `num_experts_per_token` experts a
+(the LM head included, tied or not), the dense SwiGLU's three matrices, the router, and only the `num_experts_per_token` experts a
 token is routed to. Embedding look-ups and norms are not matrix products and are left out. The
 second term is attention's QK^T and AV, counted over the full context (not halved for the mask).
 """
@@ -15,6 +15,7 @@ import math
 
 import torch.nn as nn
 
+from .layers import SwiGLUFeedForward
 from .moe import MoEFeedForward
 
 
@@ -38,6 +39,8 @@ def matmul_params_per_token(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             n += m.weight.numel()
+        elif isinstance(m, SwiGLUFeedForward):        # weights stored as parameters, not Linear layers
+            n += m.w_gate.numel() + m.w_up.numel() + m.w_down.numel()
         elif isinstance(m, MoEFeedForward):
             per_expert = (m.w_gate.numel() + m.w_up.numel() + m.w_down.numel()) // m.num_experts
             n += m.top_k * per_expert

@@ -1,4 +1,4 @@
-"""The two architectures measured rather than asserted: where the parameters sit, what the KV
+"""The architectures measured rather than asserted: where the parameters sit, what the KV
 cache costs, where the router sends each token, and what RoPE makes of positions.
 
 The notebooks call these and show their results; the tests check them against hand computations.
@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from .arms import ARMS
 from .config import Config
 from .layers import apply_rope, rope_tables
 from .moe import MoEFeedForward
@@ -43,11 +44,15 @@ def params_by_component(model: nn.Module) -> pd.Series:
     return pd.Series(counts, name="parameters")
 
 
+def kv_heads(cfg: Config, model_name: str) -> int:
+    """Key/value heads per layer: every head under multi-head attention, n_kv_groups under GQA."""
+    return cfg.n_heads if ARMS[model_name].attention == "mha" else cfg.n_kv_groups
+
+
 def kv_cache_bytes(cfg: Config, model_name: str, tokens: int = 1, bytes_per_value: int = 2) -> int:
     """Bytes of keys and values cached for `tokens` tokens over all layers (fp16/bf16 by default):
     GPT-2 caches every head, grouped-query attention only its n_kv_groups shared heads."""
-    kv_heads = cfg.n_heads if model_name == "gpt2" else cfg.n_kv_groups
-    return 2 * cfg.n_layers * kv_heads * cfg.head_dim * bytes_per_value * tokens
+    return 2 * cfg.n_layers * kv_heads(cfg, model_name) * cfg.head_dim * bytes_per_value * tokens
 
 
 @torch.no_grad()
@@ -99,22 +104,35 @@ def causal_mask(tokens: list[str]) -> pd.DataFrame:
 
 
 def architecture(cfg: Config) -> pd.DataFrame:
-    """What the two models share and where they differ, with this configuration's numbers."""
+    """What the models share and where they differ, with this configuration's numbers: a column per
+    arm (GPT-2; the Qwen3-style arms, dense and with experts)."""
     g = cfg.n_heads // cfg.n_kv_groups
-    rows = {
-        "positions": ("learned embedding, one vector per position", f"rotary (RoPE, base {cfg.rope_base:g}) on q and k"),
-        "normalisation": ("LayerNorm (mean and variance, with bias)", "RMSNorm (scale only)"),
-        "attention": (f"{cfg.n_heads} heads, each with its own keys and values",
-                      f"{cfg.n_heads} query heads sharing {cfg.n_kv_groups} key/value heads ({g} per group)"),
-        "QK-norm": ("no", "RMSNorm on q and k per head" if cfg.qk_norm else "no"),
-        "feed-forward": (f"one dense MLP {cfg.emb_dim} -> {cfg.hidden_dim} -> {cfg.emb_dim}, GELU",
-                         f"{cfg.num_experts} SwiGLU experts {cfg.emb_dim} -> {cfg.moe_intermediate_size} -> "
-                         f"{cfg.emb_dim}, each token to {cfg.num_experts_per_token}"),
-        "extra loss": ("none", f"load balancing x {cfg.aux_loss_coef:g}"),
-        "shared": (f"width {cfg.emb_dim}, {cfg.n_layers} layers, context {cfg.context_length}, GPT-2 BPE "
-                   f"({cfg.vocab_size:,} tokens), head tied to the embedding", "the same"),
+    qwen = {
+        "positions": f"rotary (RoPE, base {cfg.rope_base:g}) on q and k",
+        "normalisation": "RMSNorm (scale only)",
+        "attention": f"{cfg.n_heads} query heads sharing {cfg.n_kv_groups} key/value heads ({g} per group)",
+        "QK-norm": "RMSNorm on q and k per head" if cfg.qk_norm else "no",
     }
-    return pd.DataFrame(rows, index=["GPT-2 baseline", "MoE-GQA"]).T
+    columns = {}
+    for name, arm in ARMS.items():
+        if arm.attention == "mha":
+            col = {"positions": "learned embedding, one vector per position",
+                   "normalisation": "LayerNorm (mean and variance, with bias)",
+                   "attention": f"{cfg.n_heads} heads, each with its own keys and values", "QK-norm": "no",
+                   "feed-forward": f"one dense MLP {cfg.emb_dim} -> {cfg.hidden_dim} -> {cfg.emb_dim}, GELU",
+                   "extra loss": "none"}
+        elif arm.has_experts:
+            col = {**qwen, "feed-forward": f"{cfg.num_experts} SwiGLU experts {cfg.emb_dim} -> "
+                                          f"{cfg.moe_intermediate_size} -> {cfg.emb_dim}, each token to "
+                                          f"{cfg.num_experts_per_token}",
+                   "extra loss": f"load balancing x {cfg.aux_loss_coef:g}"}
+        else:
+            col = {**qwen, "feed-forward": f"one dense SwiGLU {cfg.emb_dim} -> {cfg.dense_width} -> {cfg.emb_dim}",
+                   "extra loss": "none"}
+        col["shared"] = (f"width {cfg.emb_dim}, {cfg.n_layers} layers, context {cfg.context_length}, GPT-2 BPE "
+                         f"({cfg.vocab_size:,} tokens), head tied to the embedding") if not columns else "the same"
+        columns[arm.label] = col
+    return pd.DataFrame(columns)
 
 
 def _size(n: float) -> str:
@@ -125,11 +143,13 @@ def _size(n: float) -> str:
 
 
 def kv_cache_table(cfg: Config, bytes_per_value: int = 2) -> pd.DataFrame:
-    """KV-cache size of both models: per token, at the full context, for a batch of full windows."""
+    """KV-cache size of each attention kind: per token, at the full context, for a batch of full windows."""
     rows = {}
-    for name, label in (("gpt2", "GPT-2 baseline (MHA)"), ("moe_gqa", "MoE-GQA (GQA)")):
-        per_token = kv_cache_bytes(cfg, name, 1, bytes_per_value)
-        rows[label] = {"key/value heads per layer": cfg.n_heads if name == "gpt2" else cfg.n_kv_groups,
+    for kind in ("mha", "gqa"):
+        names = [n for n, a in ARMS.items() if a.attention == kind]
+        per_token = kv_cache_bytes(cfg, names[0], 1, bytes_per_value)
+        label = f"{', '.join(ARMS[n].label for n in names)} ({kind.upper()})"
+        rows[label] = {"key/value heads per layer": kv_heads(cfg, names[0]),
                        "bytes per token": f"{per_token:,}",
                        f"one sequence of {cfg.context_length} tokens": _size(per_token * cfg.context_length),
                        f"a batch of {cfg.batch_size}": _size(per_token * cfg.context_length * cfg.batch_size)}

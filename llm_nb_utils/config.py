@@ -39,6 +39,10 @@ class Config:
     num_experts: int = 4
     num_experts_per_token: int = 2
     moe_intermediate_size: int = 1024
+    # Dense-GQA's feed-forward width; 0: num_experts_per_token x moe_intermediate_size, the work an
+    # MoE token gets (the same active parameters). num_experts x moe_intermediate_size matches the
+    # MoE's total parameters instead.
+    dense_ff_width: int = 0
     bias: bool = False                # biases of the linear layers (norms keep their own)
     drop_rate: float = 0.0
     # Tied by default, as in GPT-2 and the small Qwen3 models: an untied head would add
@@ -70,8 +74,12 @@ class Config:
     device: str = "cuda"              # "cuda", "cpu" or "auto"
     compile: bool = False             # torch.compile, where Triton supports the GPU
     eval_freq: int = 100
-    eval_iter: int = 16
-    test_batches: int = 0             # 0 = the whole test split (the study); else its first N batches
+    eval_iter: int = 16               # each evaluation point reads eval_iter x batch_size windows per split
+    # "sampled": windows spread over each split, the same for every model and seed (evaluation.py);
+    # "study": the study's first eval_iter batches of each split, and the whole test split.
+    eval_protocol: str = "sampled"
+    eval_seed: int = 2024             # chooses the evaluation windows; independent of `seed`
+    test_windows: int = 0             # 0 = the whole test split (the study); else N windows spread over it
     log_every: int = 10               # progress bar and finiteness check interval
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
@@ -95,12 +103,17 @@ class Config:
     # Settings that change the model's tensors: a checkpoint can only be resumed into these.
     MODEL_KEYS = ("vocab_size", "emb_dim", "context_length", "n_layers", "n_heads", "head_dim",
                   "hidden_dim", "n_kv_groups", "qk_norm", "num_experts", "num_experts_per_token",
-                  "moe_intermediate_size", "bias", "tie_embeddings")
+                  "moe_intermediate_size", "dense_ff_width", "bias", "tie_embeddings")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["split_ratios"] = list(self.split_ratios)
         return d
+
+    @property
+    def dense_width(self) -> int:
+        """Dense-GQA's feed-forward width (see dense_ff_width)."""
+        return self.dense_ff_width or self.num_experts_per_token * self.moe_intermediate_size
 
     def replace(self, **changes) -> "Config":
         d = self.to_dict()
@@ -116,12 +129,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(emb_dim=256, n_layers=4, n_heads=4, head_dim=64, hidden_dim=1024,
                   n_kv_groups=2, moe_intermediate_size=512, context_length=128, stride=128,
                   batch_size=8, max_steps=300, eval_freq=50, eval_iter=8, warmup_steps=30,
-                  lr=1e-3, dtype="float32", device="auto", checkpoint_every=1000, test_batches=200),
+                  lr=1e-3, dtype="float32", device="auto", checkpoint_every=1000, test_windows=1024),
     "smoke": dict(emb_dim=64, n_layers=2, n_heads=4, head_dim=16, hidden_dim=256,
                   n_kv_groups=2, moe_intermediate_size=128, context_length=32, stride=32,
                   batch_size=4, max_epochs=1, max_steps=30, eval_freq=10, eval_iter=2,
                   warmup_steps=5, lr=2e-3, dtype="float32", device="auto",
-                  checkpoint_every=15, sample_max_new_tokens=12, log_every=5, test_batches=50),
+                  checkpoint_every=15, sample_max_new_tokens=12, log_every=5, test_windows=128),
 }
 
 
@@ -239,7 +252,7 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             errors.append(f"{name} must be a positive integer (got {v!r})")
-    for name in ("max_steps", "warmup_steps", "num_workers", "test_batches"):
+    for name in ("max_steps", "warmup_steps", "num_workers", "test_windows", "dense_ff_width"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 0:
             errors.append(f"{name} must be an integer >= 0 (got {v!r})")
@@ -271,7 +284,7 @@ def validate(cfg: Config) -> None:
         errors.append(f"beta1/beta2 must be in [0, 1) (got {cfg.beta1}, {cfg.beta2})")
     choices = {"dtype": ("float32", "bfloat16", "float16"), "device": ("cuda", "cpu", "auto"),
                "split_method": ("proportional", "documents"), "lr_schedule": ("cosine", "constant"),
-               "wandb_mode": ("online", "offline", "disabled")}
+               "wandb_mode": ("online", "offline", "disabled"), "eval_protocol": ("sampled", "study")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             errors.append(f"{name} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")

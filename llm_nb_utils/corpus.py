@@ -95,6 +95,28 @@ class CorpusScan:
                 "docs": [asdict(d) for d in self.docs]}
 
 
+def collection_of(path: str) -> str:
+    """A document's collection: the top-level folder of the corpus it sits in."""
+    return path.split("/")[0] if "/" in path else "(top level)"
+
+
+def read_authors(root: str | Path) -> dict[str, str]:
+    """Author of each document, where a folder's METADATA.tsv says it (ELTeC's table: `filename`
+    and `author-name` columns); {relative path: author}. Other documents have no known author."""
+    import csv
+    root = Path(root)
+    authors = {}
+    for table in root.rglob("METADATA.tsv"):
+        with open(table, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        folder = table.parent.relative_to(root).as_posix()
+        for row in rows:
+            if row.get("filename") and row.get("author-name"):
+                rel = f"{row['filename']}.txt" if folder == "." else f"{folder}/{row['filename']}.txt"
+                authors[rel] = row["author-name"].strip()
+    return authors
+
+
 def list_text_files(corpus_dir: str | Path) -> list[Path]:
     root = Path(corpus_dir).expanduser()
     if not root.exists():

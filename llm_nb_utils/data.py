@@ -111,9 +111,14 @@ def table1(data_dir: str | Path, cfg, loaders: dict[str, DataLoader] | None = No
     rows = {}
     for split, col in cols.items():
         ld = loaders[split]
-        rows[col] = {"words": meta["splits"][split]["words"], "samples": len(ld.dataset),
+        counts = meta["splits"][split]
+        rows[col] = {"words": counts["words"], "samples": len(ld.dataset),
                      "tokens_per_sample": ld.dataset.context_length,
                      "batch_size": ld.batch_sampler.batch_size, "batches": len(ld)}
+        # What the split holds: the words of each collection of the corpus.
+        names = sorted({n for s in cols for n in meta["splits"][s].get("collections", {})})
+        for name in names:
+            rows[col][f"words: {name}"] = counts.get("collections", {}).get(name, {}).get("words", 0)
     df = pd.DataFrame(rows)
     df.index.name = "metric"
     return df

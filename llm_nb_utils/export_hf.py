@@ -1,7 +1,7 @@
 """Export trained models to the Hugging Face `transformers` format, with the GPT-2 tokenizer.
 
-Our GPT-2 baseline is architecturally `GPT2LMHeadModel` and our MoE-GQA model is
-`Qwen3MoeForCausalLM`; every setting that changes the math is mapped explicitly, and a setting the
+Our GPT-2 baseline is architecturally `GPT2LMHeadModel`, our MoE-GQA model `Qwen3MoeForCausalLM`
+and Dense-GQA `Qwen3ForCausalLM` (`arms.ARMS` names the class of each); every setting that changes the math is mapped explicitly, and a setting the
 target class cannot express makes the export refuse rather than write a model that computes
 something else.
 
@@ -26,7 +26,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import Config
 from .errors import SuiteError
 from .files import storage_error
-from .models import GPT2Model, MoEGQAModel, build_model
+from .arms import ARM_NAMES, build_model
+from .models import DenseGQAModel, GPT2Model, MoEGQAModel
 from .tokenizer import EOT_ID, get_tokenizer
 
 
@@ -181,21 +182,9 @@ def _moe_to_hf(model: MoEGQAModel):
     hf = Qwen3MoeForCausalLM(hf_cfg).eval()
     sd = _cpu_fp32_state(model)
     keys = set(hf.state_dict())
-    new = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["final_norm.weight"],
-           "lm_head.weight": sd["out_head.weight"]}
+    new = _qwen3_shared_weights(sd, cfg)
     for i in range(cfg.n_layers):
         o, t = f"blocks.{i}", f"model.layers.{i}"
-        new[f"{t}.input_layernorm.weight"] = sd[f"{o}.norm1.weight"]
-        new[f"{t}.post_attention_layernorm.weight"] = sd[f"{o}.norm2.weight"]
-        for p in ("q", "k", "v"):
-            new[f"{t}.self_attn.{p}_proj.weight"] = sd[f"{o}.attn.{p}_proj.weight"]
-            if cfg.bias:
-                new[f"{t}.self_attn.{p}_proj.bias"] = sd[f"{o}.attn.{p}_proj.bias"]
-        new[f"{t}.self_attn.o_proj.weight"] = sd[f"{o}.attn.out_proj.weight"]
-        if cfg.bias:
-            new[f"{t}.self_attn.o_proj.bias"] = sd[f"{o}.attn.out_proj.bias"]
-        new[f"{t}.self_attn.q_norm.weight"] = sd[f"{o}.attn.q_norm.weight"]
-        new[f"{t}.self_attn.k_norm.weight"] = sd[f"{o}.attn.k_norm.weight"]
         new[f"{t}.mlp.gate.weight"] = sd[f"{o}.moe.router.weight"]
         gate, up, down = (sd[f"{o}.moe.{w}"].transpose(1, 2) for w in ("w_gate", "w_up", "w_down"))
         if f"{t}.mlp.experts.gate_up_proj" in keys:          # transformers >= 5: experts fused in 3-D tensors
@@ -206,6 +195,51 @@ def _moe_to_hf(model: MoEGQAModel):
                 new[f"{t}.mlp.experts.{e}.gate_proj.weight"] = gate[e].contiguous()
                 new[f"{t}.mlp.experts.{e}.up_proj.weight"] = up[e].contiguous()
                 new[f"{t}.mlp.experts.{e}.down_proj.weight"] = down[e].contiguous()
+    _load_exact(hf, new)
+    return hf
+
+
+def _qwen3_shared_weights(sd: dict, cfg: Config) -> dict:
+    """Embeddings, final norm, head, and each layer's norms and attention (QK-norm included): what
+    MoE-GQA and Dense-GQA share, under transformers' Qwen3 names."""
+    new = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["final_norm.weight"],
+           "lm_head.weight": sd["out_head.weight"]}
+    for i in range(cfg.n_layers):
+        o, t = f"blocks.{i}", f"model.layers.{i}"
+        new[f"{t}.input_layernorm.weight"] = sd[f"{o}.norm1.weight"]
+        new[f"{t}.post_attention_layernorm.weight"] = sd[f"{o}.norm2.weight"]
+        for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("out_proj", "o_proj")):
+            new[f"{t}.self_attn.{theirs}.weight"] = sd[f"{o}.attn.{ours}.weight"]
+            if cfg.bias:
+                new[f"{t}.self_attn.{theirs}.bias"] = sd[f"{o}.attn.{ours}.bias"]
+        new[f"{t}.self_attn.q_norm.weight"] = sd[f"{o}.attn.q_norm.weight"]
+        new[f"{t}.self_attn.k_norm.weight"] = sd[f"{o}.attn.k_norm.weight"]
+    return new
+
+
+# --- Dense-GQA -> Qwen3 ---------------------------------------------------------------------------
+
+def _dense_to_hf(model: DenseGQAModel):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    cfg = model.cfg
+    if not cfg.qk_norm:
+        raise ExportError("Qwen3ForCausalLM always applies QK-norm; a model trained with qk_norm=False "
+                          "cannot be expressed by it, so it is not exported.")
+    hf_cfg = Qwen3Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, intermediate_size=cfg.dense_width,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_groups,
+        head_dim=cfg.head_dim, hidden_act="silu", rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_base,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
+        max_position_embeddings=cfg.context_length, attention_bias=cfg.bias, attention_dropout=cfg.drop_rate,
+        tie_word_embeddings=cfg.tie_embeddings, use_sliding_window=False, bos_token_id=EOT_ID, eos_token_id=EOT_ID)
+    hf = Qwen3ForCausalLM(hf_cfg).eval()
+    sd = _cpu_fp32_state(model)
+    new = _qwen3_shared_weights(sd, cfg)
+    for i in range(cfg.n_layers):
+        o, t = f"blocks.{i}.ff", f"model.layers.{i}.mlp"
+        # Ours are stored (in, out) for x @ w; transformers' Linear holds (out, in).
+        for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+            new[f"{t}.{theirs}.weight"] = sd[f"{o}.{ours}"].t().contiguous()
     _load_exact(hf, new)
     return hf
 
@@ -238,6 +272,8 @@ def to_hf(model) -> "torch.nn.Module":
         return _gpt2_to_hf(model)
     if isinstance(model, MoEGQAModel):
         return _moe_to_hf(model)
+    if isinstance(model, DenseGQAModel):
+        return _dense_to_hf(model)
     raise ExportError(f"cannot export {type(model).__name__}")
 
 
@@ -304,7 +340,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llm_nb_utils.export_hf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--model", nargs="+", default=["gpt2", "moe_gqa"], choices=["gpt2", "moe_gqa"])
+    p.add_argument("--model", nargs="+", default=list(ARM_NAMES), choices=ARM_NAMES)
     p.add_argument("--out", default="", help="output folder (default <run-dir>/hf/<model>)")
     args = p.parse_args(argv)
     try:

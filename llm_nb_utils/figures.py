@@ -13,9 +13,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from .files import write_atomic
+from .arms import ARMS
 from .report import LABELS
 
-COLORS = {"gpt2": "tab:blue", "moe_gqa": "tab:orange"}
+COLORS = {n: a.colour for n, a in ARMS.items()}
 
 
 def png_bytes(fig, dpi: int = 110) -> bytes:
@@ -135,15 +136,14 @@ def _flop_unit(most: float) -> tuple[str, float]:
 
 def sweep_loss_vs_cost(means):
     """Mean test loss of each design (bars: 95% interval over seeds) against the parameters active per
-    token and against the training compute; GPT-2 is the square. `means`: sweep_report.design_means."""
+    token and against the training compute; each arm keeps its marker and colour. `means`: sweep_report.design_means."""
     unit, scale = _flop_unit(means["training_flops"].max())
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, col, xlabel, div in ((axes[0], "active_params", "parameters active per token (millions)", 1e6),
                                  (axes[1], "training_flops", f"training compute per run ({unit})", scale)):
         for _, r in means.iterrows():
-            gpt2 = r["model"] == "gpt2"
             ax.errorbar(r[col] / div, r["test_loss"], yerr=None if r["ci"] != r["ci"] else r["ci"],
-                        fmt="s" if gpt2 else "o", color=COLORS["gpt2" if gpt2 else "moe_gqa"], capsize=3)
+                        fmt=ARMS[r["model"]].marker, color=COLORS[r["model"]], capsize=3)
             ax.annotate(r["design"].replace("MoE-GQA ", ""), (r[col] / div, r["test_loss"]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
         ax.set_xlabel(xlabel)
@@ -156,10 +156,13 @@ def sweep_loss_vs_cost(means):
 def sweep_validation_curves(runs, histories: dict[str, list]):
     """Every run's validation loss against training tokens, faint, with each design's mean bold."""
     designs = list(dict.fromkeys(runs["design"]))
-    moe = [d for d in designs if d != "GPT-2"]
-    # GPT-2 blue and a lone MoE design orange, as in every other figure; several MoE designs: tab10 without blue
-    colors = {"GPT-2": COLORS["gpt2"], **({moe[0]: COLORS["moe_gqa"]} if len(moe) == 1 else
-                                          {d: plt.get_cmap("tab10")(i % 9 + 1) for i, d in enumerate(moe)})}
+    model_of = dict(zip(runs["design"], runs["model"]))
+    # An arm with one design keeps its colour from every other figure; the designs of an arm with several
+    # (the MoE grid) take tab10's colours after the first three (blue, orange, green: the arms').
+    per_arm = runs.groupby("model")["design"].nunique()
+    shared = [d for d in designs if per_arm[model_of[d]] > 1]
+    colors = {d: COLORS[model_of[d]] for d in designs if d not in shared}
+    colors.update({d: plt.get_cmap("tab10")(3 + i % 7) for i, d in enumerate(shared)})
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for design in designs:
         names = runs.loc[runs["design"] == design, "run"]

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from .arms import ARM_NAMES
 from .config import Config, make_config, parse_overrides
 from .errors import SuiteError, TrainingInterrupted
 from .lock import folder_lock
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="torchrun ... -m llm_nb_utils.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=["gpt2", "moe_gqa"])
+    p.add_argument("--model", required=True, choices=ARM_NAMES)
     p.add_argument("--run-dir", required=True, help="a run directory whose data/ is prepared (notebook 01)")
     p.add_argument("--preset", default="paper")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -51,6 +51,30 @@ class FeedForward(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+           matmul=torch.matmul) -> torch.Tensor:
+    """SwiGLU, with weights stored (in, out): down(silu(x @ gate) * (x @ up)). One definition for
+    the dense feed-forward and every expert of the MoE, so the two arms differ in routing only."""
+    return matmul(F.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
+
+
+class SwiGLUFeedForward(nn.Module):
+    """Qwen3's dense feed-forward: a gated SiLU unit of width `hidden_dim` (three matrices, no bias)."""
+
+    def __init__(self, emb_dim: int, hidden_dim: int):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(emb_dim, hidden_dim))
+        self.w_up = nn.Parameter(torch.empty(emb_dim, hidden_dim))
+        self.w_down = nn.Parameter(torch.empty(hidden_dim, emb_dim))
+
+    def extra_repr(self) -> str:
+        d, h = self.w_gate.shape
+        return f"SwiGLU({d} -> {h} -> {d})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.w_gate, self.w_up, self.w_down)
+
+
 def _sdpa_supports_gqa() -> bool:
     try:
         q = torch.zeros(1, 2, 1, 2)

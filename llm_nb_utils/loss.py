@@ -31,8 +31,9 @@ def default_vocab_block(device: torch.device, vocab: int) -> int:
 
 
 def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_grads: bool,
-                    vocab_block: int | None = None):
-    """(mean loss, d loss/d h, d loss/d weight); the gradients are None unless `with_grads`."""
+                    vocab_block: int | None = None, per_row: torch.Tensor | None = None):
+    """(mean loss, d loss/d h, d loss/d weight); the gradients are None unless `with_grads`.
+    `per_row`, an fp32 tensor of N values, receives each row's own loss when given."""
     n, vocab = h.shape[0], weight.shape[0]
     rows = max(1, _CHUNK_ELEMENTS // vocab)
     block = vocab_block or default_vocab_block(h.device, vocab)
@@ -59,6 +60,8 @@ def _loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         m = torch.stack([lg.amax(dim=-1) for lg in logits]).amax(dim=0)[:, None]
         z = sum(lg.sub_(m).exp_().sum(dim=-1, keepdim=True) for lg in logits)
         total += (m + z.log()).sum() - target_logit.sum()
+        if per_row is not None:
+            per_row[s:s + rows] = (m + z.log()).squeeze(1) - target_logit
         if not with_grads:
             continue
         gh = torch.zeros(hc.shape, dtype=torch.float32, device=h.device)
@@ -92,12 +95,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         vocab_block: int | None = None) -> torch.Tensor:
+                         vocab_block: int | None = None, reduction: str = "mean") -> torch.Tensor:
     """mean over rows of cross_entropy(h @ weight.T, targets); h (N, D), weight (V, D), targets (N,).
 
     The vocabulary is multiplied `vocab_block` rows of `weight` at a time (default: see
     `default_vocab_block`). Without gradients (evaluation) only the loss is computed, chunk by chunk
-    as in training."""
+    as in training; reduction="none" (evaluation only) gives each row's loss, in fp32."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', not {reduction!r}")
+    if reduction == "none":
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            raise ValueError("reduction='none' is for evaluation: call it under torch.no_grad()")
+        rows = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        _loss_and_grads(h, weight, targets, False, vocab_block, per_row=rows)
+        return rows
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, vocab_block)
     return _loss_and_grads(h, weight, targets, False, vocab_block)[0]

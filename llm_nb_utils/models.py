@@ -1,11 +1,15 @@
-"""The two decoder-only language models of the study, built from a `Config`.
+"""The decoder-only language models of the comparison, built from a `Config`.
 
 - `GPT2Model`: faithful GPT-2 (learned positions, pre-LayerNorm blocks, multi-head attention,
   GELU MLP).
 - `MoEGQAModel`: Qwen3-MoE style (RoPE, RMSNorm, grouped-query attention with QK-norm,
   top-k Mixture-of-Experts of SwiGLU experts).
+- `DenseGQAModel`: Qwen3's dense model, the control: MoE-GQA with each MoE layer replaced by one
+  SwiGLU feed-forward as wide as the experts a token passes through (`Config.dense_width`), so the
+  two differ by the routing alone.
 
-Both return an `LMOutput`: logits, the mean next-token loss when targets are given, and the
+Both return an `LMOutput`: logits, the mean next-token loss when targets are given (each token's
+loss, shaped like the targets, with `per_token=True`: evaluation only), and the
 auxiliary load-balancing loss (zero for GPT-2) kept apart so training can log it and add it.
 When targets are given (training and evaluation), the loss is fused with the LM head and `logits`
 is None: the 2048 x 50257 logits of a batch are never materialised.
@@ -19,11 +23,9 @@ import torch.nn as nn
 
 from .attention import GroupedQueryAttention, MultiHeadAttention
 from .config import Config
-from .layers import FeedForward, KVCache, RMSNorm, init_weights, rope_tables
+from .layers import FeedForward, KVCache, RMSNorm, SwiGLUFeedForward, init_weights, rope_tables
 from .loss import linear_cross_entropy
 from .moe import MoEFeedForward
-
-MODEL_NAMES = ("gpt2", "moe_gqa")
 
 
 @dataclass
@@ -45,12 +47,14 @@ class _LanguageModel(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layers)
 
-    def _output(self, h: torch.Tensor, targets: torch.Tensor | None, aux: torch.Tensor) -> LMOutput:
+    def _output(self, h: torch.Tensor, targets: torch.Tensor | None, aux: torch.Tensor,
+                per_token: bool = False) -> LMOutput:
         h = self.final_norm(h)
         if targets is not None:
             # The head and an fp32 loss fused chunk by chunk; the full logits never exist.
-            loss = linear_cross_entropy(h.flatten(0, 1), self.out_head.weight, targets.flatten())
-            return LMOutput(None, loss, aux)
+            loss = linear_cross_entropy(h.flatten(0, 1), self.out_head.weight, targets.flatten(),
+                                        reduction="none" if per_token else "mean")
+            return LMOutput(None, loss.view(targets.shape) if per_token else loss, aux)
         return LMOutput(self.out_head(h), None, aux)
 
     def _check_length(self, idx: torch.Tensor, cache: KVCache | None):
@@ -85,39 +89,66 @@ class GPT2Model(_LanguageModel):
         self._init_head(cfg)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> LMOutput:
+                cache: KVCache | None = None, per_token: bool = False) -> LMOutput:
         self._check_length(idx, cache)
         offset = cache.length() if cache is not None else 0
         pos = torch.arange(offset, offset + idx.shape[1], device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
-        return self._output(x, targets, torch.zeros((), device=idx.device))
+        return self._output(x, targets, torch.zeros((), device=idx.device), per_token)
 
 
-class MoEGQABlock(nn.Module):
+class _Qwen3Block(nn.Module):
+    """RMSNorm, grouped-query attention with QK-norm and RoPE, RMSNorm, then the feed-forward the
+    subclass builds."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.norm1 = RMSNorm(cfg.emb_dim, cfg.norm_eps)
         self.attn = GroupedQueryAttention(cfg.emb_dim, cfg.n_heads, cfg.n_kv_groups, cfg.head_dim,
                                           cfg.bias, cfg.qk_norm, cfg.norm_eps, cfg.drop_rate)
         self.norm2 = RMSNorm(cfg.emb_dim, cfg.norm_eps)
-        self.moe = MoEFeedForward(cfg.emb_dim, cfg.moe_intermediate_size, cfg.num_experts,
-                                  cfg.num_experts_per_token)
         self.drop = nn.Dropout(cfg.drop_rate)
+
+    def feed_forward(self, x):
+        raise NotImplementedError
 
     def forward(self, x, cos, sin, cache=None, layer=0):
         x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache, layer))
-        return x + self.drop(self.moe(self.norm2(x)))
+        return x + self.drop(self.feed_forward(self.norm2(x)))
 
 
-class MoEGQAModel(_LanguageModel):
+class MoEGQABlock(_Qwen3Block):
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.moe = MoEFeedForward(cfg.emb_dim, cfg.moe_intermediate_size, cfg.num_experts,
+                                  cfg.num_experts_per_token)
+
+    def feed_forward(self, x):
+        return self.moe(x)
+
+
+class DenseGQABlock(_Qwen3Block):
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.ff = SwiGLUFeedForward(cfg.emb_dim, cfg.dense_width)
+
+    def feed_forward(self, x):
+        return self.ff(x)
+
+
+class _Qwen3Model(_LanguageModel):
+    """What MoE-GQA and Dense-GQA share: token embeddings (no positions: RoPE turns the queries and
+    keys instead), the blocks, a final RMSNorm and the head."""
+    block: type = _Qwen3Block
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.drop = nn.Dropout(cfg.drop_rate)
-        self.blocks = nn.ModuleList(MoEGQABlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(self.block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.emb_dim, cfg.norm_eps)
         cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_base)
         # Not persistent: derived from the config, so checkpoints hold only learned weights.
@@ -125,24 +156,33 @@ class MoEGQAModel(_LanguageModel):
         self.register_buffer("sin", sin, persistent=False)
         self._init_head(cfg)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> LMOutput:
+    def _body(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         self._check_length(idx, cache)
         x = self.drop(self.tok_emb(idx))
-        aux = torch.zeros((), device=idx.device)
         for i, block in enumerate(self.blocks):
             x = block(x, self.cos, self.sin, cache, i)
+        return x
+
+
+class MoEGQAModel(_Qwen3Model):
+    block = MoEGQABlock
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, per_token: bool = False) -> LMOutput:
+        x = self._body(idx, cache)
+        aux = torch.zeros((), device=idx.device)
+        for block in self.blocks:          # each layer's balancing loss, averaged over layers
             aux = aux + block.moe.aux_loss
-        return self._output(x, targets, aux / len(self.blocks))
+        return self._output(x, targets, aux / len(self.blocks), per_token)
 
     def expert_counts(self) -> torch.Tensor:
         """(n_layers, num_experts) assignments per expert in the last forward pass."""
         return torch.stack([b.moe.expert_counts.cpu() for b in self.blocks])
 
 
-def build_model(name: str, cfg: Config) -> _LanguageModel:
-    """`gpt2` or `moe_gqa`, with GPT-2 initialisation, seeded by `cfg.seed`."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    torch.manual_seed(cfg.seed)
-    return GPT2Model(cfg) if name == "gpt2" else MoEGQAModel(cfg)
+class DenseGQAModel(_Qwen3Model):
+    block = DenseGQABlock
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None, per_token: bool = False) -> LMOutput:
+        return self._output(self._body(idx, cache), targets, torch.zeros((), device=idx.device), per_token)

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import swiglu
+
 # torch >= 2.8 has a grouped matrix product: one call runs every expert on its own slice of rows,
 # the slices given by offsets that stay on the device.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -96,11 +98,6 @@ class MoEFeedForward(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         return probs, experts, weights / weights.sum(dim=-1, keepdim=True)
 
-    @staticmethod
-    def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-               matmul=torch.matmul) -> torch.Tensor:
-        return matmul(F.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
@@ -141,7 +138,7 @@ class MoEFeedForward(nn.Module):
 
     def _experts_grouped(self, rows: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         matmul = partial(_GROUPED_MM, offs=counts.cumsum(0).to(torch.int32))
-        return self.swiglu(rows.to(dtype), *(w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down)),
+        return swiglu(rows.to(dtype), *(w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down)),
                            matmul=matmul)
 
     def _experts_loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -150,6 +147,6 @@ class MoEFeedForward(nn.Module):
         outs, start = [], 0
         for n, (w_gate, w_up, w_down) in zip(counts.tolist(), experts_w):   # the one host sync
             if n:
-                outs.append(self.swiglu(rows[start:start + n], w_gate, w_up, w_down))
+                outs.append(swiglu(rows[start:start + n], w_gate, w_up, w_down))
                 start += n
         return torch.cat(outs)

@@ -68,7 +68,7 @@ def setup(preset: str, overrides: dict | None = None, run_dir: str = "", **extra
 def prepare_corpus(run: NotebookRun, corpus_source: str = "auto", corpus_dir: str = "",
                    gutenberg_target_mb: float = 50.0, allow_undecodable: bool = False) -> dict:
     """Find the corpus (downloading it from Project Gutenberg where no local one is found) and write
-    the run's token files, or reuse them; returns their metadata. Notebooks 01 and 05 both start here."""
+    the run's token files, or reuse them; returns their metadata. Notebooks 01 and 06 both start here."""
     from .env import resolve_corpus
     from .gutenberg import download_portuguese_corpus
     from .prepare import prepare_data

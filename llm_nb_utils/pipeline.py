@@ -27,8 +27,9 @@ from .env import NOTEBOOK_DIR, default_run_dir
 from .files import StorageError, check_writable, write_atomic
 from .lock import RunLocked, folder_lock
 from .notebook import resolve_preset
+from .arms import ARM_NAMES, ARMS, parse_arms
 
-NOTEBOOKS = ("01_data_prep", "02_gpt2_baseline", "03_moe_gqa", "04_compare_and_report")
+NOTEBOOKS = ("01_data_prep", *(a.notebook for a in ARMS.values()), "05_compare_and_report")
 EXIT_INTERRUPTED = 130    # what a shell reports for a program stopped by Ctrl-C
 
 
@@ -221,6 +222,16 @@ def run_from_cli(params: dict, out: Path, notebooks, resume: str, tag: str, **kw
         return 1, []
 
 
+def estimate_arms(cfg, arms) -> str:
+    """What each arm's training will cost here: a few steps timed on random tokens, times max_steps
+    (evaluation and the notebooks' start come on top)."""
+    from .progress import format_duration
+    from .sweep import seconds_per_step
+    costs = [f"{n} ~{format_duration(seconds_per_step(n, cfg) * cfg.max_steps)}" for n in arms]
+    return (f"[pipeline] training {cfg.max_steps:,} steps per arm, estimated from 3 timed steps each: "
+            + ", ".join(costs) + " (evaluation and notebook start-up come on top)")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m llm_nb_utils.pipeline", description=__doc__,
@@ -245,11 +256,14 @@ def main(argv=None) -> int:
     p.add_argument("--wandb-mode", default="offline", choices=["online", "offline", "disabled"])
     p.add_argument("--no-resume", action="store_true", help="retrain even if checkpoints or results exist")
     p.add_argument("--allow-undecodable", action="store_true", help="skip files that are not valid UTF-8")
+    p.add_argument("--arms", nargs="+", default=["all"], metavar="ARM",
+                   help=f"the arms to train and compare (default all: {', '.join(ARM_NAMES)}); e.g. --arms gpt2 moe_gqa "
+                        "for the study's two")
     p.add_argument("--only", nargs="+", choices=NOTEBOOKS, help="run only these notebooks (in order)")
     p.add_argument("--no-html", action="store_true", help="do not render HTML reports")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     p.add_argument("--export-hf", action="store_true",
-                   help="also export both models to <out>/hf/ (transformers format; notebook 04 does it too)")
+                   help="also export the trained models to <out>/hf/ (transformers format; notebook 05 does it too)")
     p.add_argument("--verbose", action="store_true",
                    help="papermill's cell-by-cell log, and the kernels' own messages on the terminal")
     args = p.parse_args(argv)
@@ -264,6 +278,10 @@ def main(argv=None) -> int:
         flags = {k: v for k, v in (("seed", args.seed), ("split_method", args.split_method),
                                    ("max_steps", args.max_steps or None)) if v is not None}
         cfg = make_config(preset, {**overrides, **flags})   # fail before any work
+        arms = parse_arms(args.arms)
+        if len(arms) < 2:
+            raise ConfigError(f"--arms {' '.join(args.arms)}: the comparison needs at least two arms (of "
+                              f"{', '.join(ARM_NAMES)}). Fix: name two or more, or leave --arms out for all.")
         resolve_device(cfg.device)
         Dist(world_size=resolve_gpus(args.gpus, cfg.device)).check_batch(cfg.batch_size)
     except ConfigError as e:
@@ -286,13 +304,17 @@ def main(argv=None) -> int:
                   allow_undecodable=args.allow_undecodable, wandb_mode=args.wandb_mode,
                   resume=not args.no_resume, max_steps=args.max_steps, progress=False, gpus=args.gpus)
     t0 = time.perf_counter()
-    status, reports = run_from_cli(params, out, args.only or NOTEBOOKS, resume_command(argv), "pipeline",
+    if cfg.max_steps and not args.only:
+        print(estimate_arms(cfg, arms))
+    skipped = {ARMS[n].notebook for n in ARM_NAMES if n not in arms}
+    status, reports = run_from_cli(params, out, [n for n in args.only or NOTEBOOKS if n not in skipped],
+                                   resume_command(argv), "pipeline",
                                    html=not args.no_html, kernel=args.kernel, verbose=args.verbose)
     if status is not None:
         return status
     if args.export_hf:
         from .export_hf import export_run
-        for name in ("gpt2", "moe_gqa"):
+        for name in arms:
             print(f"[pipeline] {name} exported to {export_run(out, name)}")
     print(f"\n[pipeline] finished in {time.perf_counter() - t0:.1f} s. Run directory: {out.resolve()}")
     for r in reports:

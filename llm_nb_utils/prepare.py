@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import CorpusScan, read_document, scan_corpus
+from .corpus import CorpusScan, collection_of, read_authors, read_document, scan_corpus
 from .files import (DamagedFileError, StorageError, check_writable, free_bytes, os_error_in, read_json, storage_error,
                     temp_path, write_json)
 from .lock import folder_lock
@@ -23,7 +23,7 @@ from .memory import peak_rss_mb, reset_peak_rss
 from .tokenizer import EOT_ID, encode
 
 SPLITS = ("train", "val", "test")
-PREP_VERSION = 2   # bump when cleaning/splitting changes, so old token files are rebuilt (2: not-prose drops, bytes)
+PREP_VERSION = 3   # bump when cleaning/splitting changes, so old token files are rebuilt (2: not-prose drops, bytes; 3: composition)
 # uint16 token files take about 0.8 byte per byte of Portuguese text (the shared corpus: 52.3 MB of
 # text, 19.9 M GPT-2 tokens, 39.8 MB of tokens); 1.0 leaves a margin for other languages.
 TOKEN_BYTES_PER_TEXT_BYTE = 1.0
@@ -137,7 +137,10 @@ def _prepare(corpus_dir, data_dir: Path, split_method, ratios, seed, allow_undec
 def _write_token_files(plan, root: Path, data_dir: Path, needed: int) -> dict:
     """Tokenize the plan into <split>.bin through temporary files of this process's own, renamed
     only when all three are complete; on any error none is left behind."""
-    counts = {s: {"tokens": 0, "chars": 0, "bytes": 0, "words": 0, "documents": 0} for s in SPLITS}
+    counts = {s: {"tokens": 0, "chars": 0, "bytes": 0, "words": 0, "documents": 0, "collections": {}}
+              for s in SPLITS}
+    authors = read_authors(root)
+    seen_authors: dict = {}
     parts = {s: temp_path(data_dir / f"{s}.bin") for s in SPLITS}
     outs = {}
     try:
@@ -156,6 +159,8 @@ def _write_token_files(plan, root: Path, data_dir: Path, needed: int) -> dict:
                 c["bytes"] += len(piece.encode("utf-8"))    # for bits per byte, a tokenizer-free measure
                 c["words"] += len(piece.split())
                 c["documents"] += 1
+                _add_to_collection(c["collections"], seen_authors, split, doc.path, authors.get(doc.path),
+                                   len(ids), len(piece.split()))
         for f in outs.values():
             f.flush()
             os.fsync(f.fileno())
@@ -175,6 +180,21 @@ def _write_token_files(plan, root: Path, data_dir: Path, needed: int) -> dict:
             raise storage_error(cause, data_dir / "train.bin", needed) from None
         raise
     return counts
+
+
+def _add_to_collection(collections: dict, seen_authors: dict, split: str, path: str, author: str | None,
+                       tokens: int, words: int) -> None:
+    """What a split holds, per collection: documents (or parts of one), words, tokens, and distinct
+    authors where the corpus names them."""
+    name = collection_of(path)
+    c = collections.setdefault(name, {"documents": 0, "words": 0, "tokens": 0, "authors": None})
+    c["documents"] += 1
+    c["words"] += words
+    c["tokens"] += tokens
+    if author:
+        names = seen_authors.setdefault((split, name), set())
+        names.add(author)
+        c["authors"] = len(names)
 
 
 def load_meta(data_dir: str | Path) -> dict:

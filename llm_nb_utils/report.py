@@ -1,28 +1,31 @@
-"""Tables and the generated discussion of the comparison (notebooks 01-04); the figures are in `figures`."""
+"""Tables and the generated discussion of the comparison (notebooks 01-05); the figures are in `figures`."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import pandas as pd
 
+from .arms import ARM_NAMES, ARMS, REFERENCE, STEPS, STUDY_ARMS, label
 from .files import write_atomic
 
-LABELS = {"gpt2": "GPT-2 baseline", "moe_gqa": "MoE-GQA"}
+LABELS = {n: a.label for n, a in ARMS.items()}
 STUDY_ROWS = ["test_loss", "test_perplexity", "train_time_s", "peak_memory_mb", "tokens_per_s"]
-EXTRA_ROWS = ["test_bits_per_byte", "total_params", "active_params", "flops_per_token", "tokens_seen"]
+EXTRA_ROWS = ["test_bits_per_byte", "total_params", "active_params", "flops_per_token", "tokens_seen",
+              "test_windows", "test_tokens_evaluated"]
+# Rows whose variation has a paired interval over the test windows (all three are functions of the mean loss).
+PAIRED_ROWS = ("test_loss", "test_perplexity", "test_bits_per_byte")
 ROW_LABELS = {"test_loss": "Test loss", "test_perplexity": "Test perplexity",
               "train_time_s": "Total training time (s)", "peak_memory_mb": "Peak memory (MB)",
               "tokens_per_s": "Throughput (tokens/s)", "total_params": "Total parameters",
               "active_params": "Parameters active per token", "test_bits_per_byte": "Test bits per byte", "flops_per_token": "Training FLOPs per token",
-              "tokens_seen": "Training tokens seen"}
+              "tokens_seen": "Training tokens seen", "test_windows": "Test windows evaluated",
+              "test_tokens_evaluated": "Test tokens evaluated"}
 
-# The study's Table 2 (two epochs of the paper preset on an NVIDIA Tesla P100, bf16 requested).
-STUDY_TABLE2 = {"hardware": "NVIDIA Tesla P100 (16 GB)",
-                "gpt2": {"test_loss": 3.2699, "test_perplexity": 26.31, "train_time_s": 3882,
-                         "peak_memory_mb": 3243, "tokens_per_s": 13347},
-                "moe_gqa": {"test_loss": 3.2127, "test_perplexity": 24.85, "train_time_s": 3623,
-                            "peak_memory_mb": 2823, "tokens_per_s": 8648}}
+# The study's Table 2 (two epochs of the paper preset on an NVIDIA Tesla P100, bf16 requested), kept
+# with the two arms it compared.
+STUDY_TABLE2 = {"hardware": "NVIDIA Tesla P100 (16 GB)", **{n: ARMS[n].study for n in STUDY_ARMS}}
 
 
 # The study's Table 1 (its Gutenberg corpus; the paper preset's windows of 256 every 128, batches of 8).
@@ -36,7 +39,8 @@ TABLE1_LABELS = {"words": "Words (whitespace-separated)", "samples": "Samples (w
 def table1_pretty(t1: pd.DataFrame, preset: str) -> pd.DataFrame:
     """Table 1 with human labels and thousands separators; for the paper preset, the study's own
     counts beside ours (its corpus was another selection of the same kind of text)."""
-    out = t1.rename(index=TABLE1_LABELS).apply(lambda col: col.map(lambda v: f"{int(v):,}"))
+    out = t1.rename(index=lambda k: TABLE1_LABELS.get(k, k.replace("words: ", "Words from ")))
+    out = out.apply(lambda col: col.map(lambda v: f"{int(v):,}"))
     out.columns = [c.capitalize() for c in out.columns]
     if preset == "paper":
         for split, row in STUDY_TABLE1.items():
@@ -45,50 +49,122 @@ def table1_pretty(t1: pd.DataFrame, preset: str) -> pd.DataFrame:
     return out
 
 
-def variation_pct(gpt2: float, moe: float) -> float:
-    return (moe - gpt2) / gpt2 * 100 if gpt2 else float("nan")
+def variation_pct(a: float, b: float) -> float:
+    """b relative to a, in %."""
+    return (b - a) / a * 100 if a else float("nan")
+
+
+def comparisons(names) -> list[tuple[str, str, str]]:
+    """The differences Table 2 shows, (from, to, what changes): with all three arms, the two steps
+    of the decomposition and the study's own comparison; otherwise each arm against the reference."""
+    names = list(names)
+    if all(n in names for step in STEPS for n in step[:2]):
+        return [*STEPS, (STEPS[0][0], STEPS[-1][1], "both steps: the study's comparison")]
+    return [(REFERENCE, n, "") for n in names if n != REFERENCE]
+
+
+def variation_column(a: str, b: str) -> str:
+    return f"{b}_vs_{a}_pct"
+
+
+def paired_test(metrics: dict[str, dict], a: str, b: str):
+    """`b - a` in test loss over the same test windows (evaluation.PairedEstimate), or None when the
+    two runs did not keep the losses of the same windows."""
+    from .evaluation import paired
+    ma, mb = metrics[a], metrics[b]
+    same = (ma.get("evaluation", {}).get("test", {}).get("fingerprint")
+            == mb.get("evaluation", {}).get("test", {}).get("fingerprint"))
+    if not (same and ma.get("test_window_losses") and mb.get("test_window_losses")):
+        return None
+    return paired(ma["test_window_losses"], mb["test_window_losses"])
+
+
+def _paired_variation(row: str, p) -> tuple[float, float]:
+    """The 95% interval of a row's variation (%) from the paired interval of the loss difference:
+    perplexity is exp(loss), so its ratio is exp(difference); bits per byte scale with the loss."""
+    if row == "test_perplexity":
+        return 100 * math.expm1(p.diff.low), 100 * math.expm1(p.diff.high)
+    return p.variation_ci_pct
 
 
 def table2(metrics: dict[str, dict]) -> pd.DataFrame:
-    """Rows of the study's Table 2 plus the rows that make the comparison fair to read."""
-    g, m = metrics["gpt2"], metrics["moe_gqa"]
-    rows = [{"metric": k, "gpt2": float(g[k]), "moe_gqa": float(m[k]),
-             "variation_pct": variation_pct(float(g[k]), float(m[k]))}
-            for k in STUDY_ROWS + EXTRA_ROWS if k in g and k in m]
+    """Rows of the study's Table 2 plus the rows that make the comparison fair to read; a column per
+    arm and, per comparison a -> b, its variation (%) with, for the loss rows, the paired 95%
+    interval over the test windows (`<b>_vs_<a>_pct`, `_ci_low`, `_ci_high`). Row test_loss_ci95 holds
+    each test loss's own 95% half-width."""
+    names = list(metrics)
+    pairs = [(a, b, paired_test(metrics, a, b)) for a, b, _ in comparisons(names)]
+    rows = []
+    for k in STUDY_ROWS + EXTRA_ROWS:
+        if not all(k in metrics[n] for n in names):
+            continue
+        row = {"metric": k, **{n: float(metrics[n][k]) for n in names}}
+        for a, b, p in pairs:
+            col = variation_column(a, b)
+            row[col] = variation_pct(row[a], row[b])
+            row[col.replace("_pct", "_ci_low")], row[col.replace("_pct", "_ci_high")] = (
+                _paired_variation(k, p) if p and k in PAIRED_ROWS else (math.nan, math.nan))
+        rows.append(row)
+        if k == "test_loss" and all("test_loss_ci" in metrics[n] for n in names):
+            rows.append({"metric": "test_loss_ci95", **{n: _half(metrics[n]) for n in names}})
     return pd.DataFrame(rows).set_index("metric")
 
 
+def _half(m: dict) -> float:
+    low, high = m["test_loss_ci"]
+    return (high - low) / 2
+
+
 def study_table2() -> pd.DataFrame:
-    g, m = STUDY_TABLE2["gpt2"], STUDY_TABLE2["moe_gqa"]
-    return pd.DataFrame([{"metric": k, "gpt2": g[k], "moe_gqa": m[k], "variation_pct": variation_pct(g[k], m[k])}
-                         for k in STUDY_ROWS]).set_index("metric")
+    """The study's published Table 2 (one run per model, no intervals)."""
+    names = list(STUDY_ARMS)
+    a, b = names
+    rows = [{"metric": k, **{n: STUDY_TABLE2[n][k] for n in names},
+             variation_column(a, b): variation_pct(STUDY_TABLE2[a][k], STUDY_TABLE2[b][k])} for k in STUDY_ROWS]
+    # Its code evaluated the whole test split: every test window of its Table 1, 256 tokens each.
+    test_tokens = STUDY_TABLE1["test"]["samples"] * 256
+    rows.append({"metric": "test_tokens_evaluated", a: test_tokens, b: test_tokens, variation_column(a, b): 0.0})
+    return pd.DataFrame(rows).set_index("metric")
 
 
 def save_table2(df: pd.DataFrame, run_dir: str | Path) -> Path:
     return write_atomic(Path(run_dir) / "table2.csv", df.to_csv())
 
 
+def _format_value(v: float, row: str, half: float | None = None) -> str:
+    if row == "test_loss":
+        return f"{v:.4f}" + (f" ± {half:.4f}" if half is not None and not math.isnan(half) else "")
+    if row == "test_perplexity":
+        return f"{v:.2f}"
+    if row == "test_bits_per_byte":
+        return f"{v:.3f}"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.1f}"
+
+
+def _variation_cell(v: float, low: float = math.nan, high: float = math.nan) -> str:
+    """'-1.63% [-1.80, -1.46]' where a paired interval exists, else '-1.6%'."""
+    if math.isnan(low):
+        return f"{v:+.1f}%"
+    return f"{v:+.2f}% [{low:+.2f}, {high:+.2f}]"
+
+
 def pretty(df: pd.DataFrame, memory_kind: str | None = None) -> pd.DataFrame:
-    """Human labels and number formats for display (the CSV keeps raw keys and values)."""
-    out = df.copy()
+    """Human labels and number formats for display (the CSV keeps raw keys and values): a test
+    loss reads '4.7140 ± 0.0123', a variation '-1.63% [-1.80, -1.46]' (its paired interval)."""
+    half = df.loc["test_loss_ci95"] if "test_loss_ci95" in df.index else None
+    body = df.drop(index="test_loss_ci95", errors="ignore")
+    arms = [c for c in body.columns if c in ARMS]
     labels = dict(ROW_LABELS)
     if memory_kind:
         labels["peak_memory_mb"] = "Peak VRAM (MB)" if memory_kind.startswith("cuda") else "Peak RAM, process RSS (MB)"
-    out.index = [labels.get(i, i) for i in out.index]
-    out = out.rename(columns={"gpt2": LABELS["gpt2"], "moe_gqa": LABELS["moe_gqa"], "variation_pct": "Variation (%)"})
-
-    def fmt(v, row):
-        if isinstance(v, str):
-            return v
-        if row in ("Test loss",):
-            return f"{v:.4f}"
-        if row in ("Test perplexity",):
-            return f"{v:.2f}"
-        if row in ("Test bits per byte",):
-            return f"{v:.3f}"
-        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.1f}"
-    for col in out.columns:
-        out[col] = [f"{v:+.1f}%" if col == "Variation (%)" else fmt(v, r) for r, v in zip(out.index, out[col])]
+    out = pd.DataFrame(index=[labels.get(i, i) for i in body.index])
+    for n in arms:
+        out[LABELS[n]] = [_format_value(v, r, half[n] if half is not None else None)
+                          for r, v in body[n].items()]
+    for col in [c for c in body.columns if c.endswith("_pct")]:
+        b, a = col[:-len("_pct")].split("_vs_")
+        low, high = (body.get(col.replace("_pct", s), pd.Series(math.nan, index=body.index)) for s in ("_ci_low", "_ci_high"))
+        out[f"{label(b)} vs {label(a)}"] = [_variation_cell(v, lo, hi) for v, lo, hi in zip(body[col], low, high)]
     return out
 
 
@@ -112,12 +188,49 @@ def dropped_summary(meta: dict) -> str:
     return head + "\n" + ("dropped documents: none" if not lines else "dropped documents:\n  " + "\n  ".join(lines))
 
 
+SPLIT_LABELS = {"train": "Train", "val": "Validation", "test": "Test"}
+
+
+def split_composition(meta: dict) -> pd.DataFrame:
+    """What each split holds, per collection (top-level folder of the corpus): documents or parts of
+    one, words, share of the split's words, distinct authors where the corpus names them."""
+    rows = []
+    for split, split_label in SPLIT_LABELS.items():
+        counts = meta["splits"][split]
+        for name, c in sorted(counts.get("collections", {}).items()):
+            rows.append({"Split": split_label, "Collection": name, "Documents (or parts)": f"{c['documents']:,}",
+                         "Words": f"{c['words']:,}", "Share of the split": f"{c['words'] / max(counts['words'], 1):.1%}",
+                         "Authors": f"{c['authors']:,}" if c.get("authors") else "not recorded"})
+    return pd.DataFrame(rows)
+
+
+def collection_shares(meta: dict) -> dict[str, dict[str, float]]:
+    """{split: {collection: share of the split's words}}."""
+    return {split: {name: c["words"] / max(meta["splits"][split]["words"], 1)
+                    for name, c in meta["splits"][split].get("collections", {}).items()} for split in SPLIT_LABELS}
+
+
+def composition_warnings(meta: dict) -> list[str]:
+    """A collection that weighs far more in validation or test than in training: those splits then
+    measure transfer to it, not the training distribution."""
+    shares = collection_shares(meta)
+    notes = []
+    for split in ("val", "test"):
+        for name, share in shares[split].items():
+            trained = shares["train"].get(name, 0.0)
+            if share >= 0.1 and share - trained >= 0.25:
+                notes.append(f"{name} is {share:.0%} of the {SPLIT_LABELS[split].lower()} split's words but "
+                             f"{trained:.1%} of training's: that split measures transfer to {name} more than the "
+                             "training text (split_method='documents' gives splits of alike composition)")
+    return notes
+
+
 def tokens_per_word(meta: dict) -> pd.DataFrame:
     """GPT-2 tokens per whitespace-separated word and per byte of text, per split."""
     rows = {}
-    for split, label in (("train", "Train"), ("val", "Validation"), ("test", "Test")):
+    for split, split_label in SPLIT_LABELS.items():
         c = meta["splits"][split]
-        rows[label] = {"Tokens": f"{c['tokens']:,}", "Words": f"{c['words']:,}",
+        rows[split_label] = {"Tokens": f"{c['tokens']:,}", "Words": f"{c['words']:,}",
                        "Tokens per word": f"{c['tokens'] / max(c['words'], 1):.2f}",
                        "Bytes per token": f"{c['bytes'] / max(c['tokens'], 1):.2f}" if c.get("bytes") else ""}
     return pd.DataFrame(rows).T
@@ -192,9 +305,14 @@ def run_settings(metrics: dict) -> str:
 
 
 def summary(metrics: dict, name: str) -> pd.Series:
-    """Model `name`'s headline numbers with human labels and formats (notebooks 02 and 03)."""
+    """Model `name`'s headline numbers with human labels and formats (notebooks 02, 03 and 04)."""
     rows = {"Test loss (nats per token)": f"{metrics['test_loss']:.4f}",
             "Test perplexity": f"{metrics['test_perplexity']:.2f}"}
+    if "test_loss_ci" in metrics:
+        low, high = metrics["test_loss_ci"]
+        rows["Test loss (nats per token)"] += f" ± {(high - low) / 2:.4f}"
+        rows["Test loss: 95% interval over windows"] = f"[{low:.4f}, {high:.4f}]"
+        rows["Test windows evaluated"] = metrics["evaluation"]["test"]["description"]
     if "test_bits_per_byte" in metrics:
         rows["Test bits per byte"] = f"{metrics['test_bits_per_byte']:.3f}"
     memory = "Peak VRAM (MB)" if metrics["peak_memory_kind"].startswith("cuda") else "Peak RAM, process RSS (MB)"
@@ -207,9 +325,12 @@ def summary(metrics: dict, name: str) -> pd.Series:
 
 def table2_with_study(metrics: dict[str, dict]) -> pd.DataFrame:
     """This run's Table 2 and the study's side by side, formatted (rows the study has)."""
-    ours = pretty(table2(metrics).loc[STUDY_ROWS], metrics["gpt2"]["peak_memory_kind"])
-    study = pretty(study_table2(), "cuda")
-    if not metrics["gpt2"]["peak_memory_kind"].startswith("cuda"):     # one row, two kinds of memory
+    t2 = table2(metrics)
+    kind = metrics[next(iter(metrics))]["peak_memory_kind"]
+    rows = [r for r in STUDY_ROWS + ["test_loss_ci95", "test_tokens_evaluated"] if r in t2.index]
+    ours = pretty(t2.loc[rows], kind)
+    study = pretty(study_table2().reindex([r for r in rows if r != "test_loss_ci95"]), "cuda")
+    if not kind.startswith("cuda"):     # one row, two kinds of memory
         ours = ours.rename(index={"Peak RAM, process RSS (MB)": "Peak memory (MB): RAM here, VRAM in the study"})
     ours.columns = pd.MultiIndex.from_product([["This run"], ours.columns])
     study.columns = pd.MultiIndex.from_product([[f"The study ({STUDY_TABLE2['hardware']})"], study.columns])
@@ -219,19 +340,18 @@ def table2_with_study(metrics: dict[str, dict]) -> pd.DataFrame:
 
 def study_token_check() -> str:
     """The study's throughput x time, per model: tokens each figure pair implies."""
-    s = STUDY_TABLE2
-    g = s["gpt2"]["tokens_per_s"] * s["gpt2"]["train_time_s"]
-    m = s["moe_gqa"]["tokens_per_s"] * s["moe_gqa"]["train_time_s"]
+    (ga, a), (gb, b) = ((STUDY_TABLE2[n], label(n)) for n in STUDY_ARMS)
     two_epochs = 2 * STUDY_TABLE1["train"]["samples"] * 256
+    ta, tb = (s["tokens_per_s"] * s["train_time_s"] for s in (ga, gb))
     return (f"- **The study's own speed figures disagree.** Throughput x training time gives "
-            f"{s['gpt2']['tokens_per_s']:,} x {s['gpt2']['train_time_s']:,} s = {g / 1e6:.1f} M tokens for GPT-2 but "
-            f"{s['moe_gqa']['tokens_per_s']:,} x {s['moe_gqa']['train_time_s']:,} s = {m / 1e6:.1f} M for MoE-GQA, for "
+            f"{ga['tokens_per_s']:,} x {ga['train_time_s']:,} s = {ta / 1e6:.1f} M tokens for {a} but "
+            f"{gb['tokens_per_s']:,} x {gb['train_time_s']:,} s = {tb / 1e6:.1f} M for {b}, for "
             f"the same two epochs of the same data (its Table 1: 2 x {STUDY_TABLE1['train']['samples']:,} windows "
-            f"x 256 tokens = {two_epochs / 1e6:.1f} M). GPT-2's pair fits the data; MoE-GQA's does not: at "
-            f"{s['moe_gqa']['tokens_per_s']:,} tokens/s two epochs take {two_epochs / s['moe_gqa']['tokens_per_s']:,.0f} s, "
-            f"not {s['moe_gqa']['train_time_s']:,}. One of its two MoE-GQA figures does not describe that run, so "
+            f"x 256 tokens = {two_epochs / 1e6:.1f} M). {a}'s pair fits the data; {b}'s does not: at "
+            f"{gb['tokens_per_s']:,} tokens/s two epochs take {two_epochs / gb['tokens_per_s']:,.0f} s, "
+            f"not {gb['train_time_s']:,}. One of its two {b} figures does not describe that run, so "
             "its speed comparison cannot be taken at face value. This suite defines both figures and measures "
-            "them the same way for both models.")
+            "them the same way for every model.")
 
 
 MEMORY_KINDS = {"cuda_max_memory_allocated_mb": "GPU memory allocated by torch (torch.cuda.max_memory_allocated)",
@@ -262,40 +382,122 @@ def environment_table(metrics: dict[str, dict], data_meta: dict | None = None) -
     return pd.DataFrame(rows)
 
 
-def discussion(metrics: dict[str, dict]) -> str:
-    """A short Markdown discussion written from the numbers of this run, compared with the study."""
-    g, m = metrics["gpt2"], metrics["moe_gqa"]
-    better = "MoE-GQA" if m["test_loss"] < g["test_loss"] else "GPT-2"
-    dl = variation_pct(g["test_loss"], m["test_loss"])
-    dp = variation_pct(g["test_perplexity"], m["test_perplexity"])
-    ratio = m["tokens_per_s"] / g["tokens_per_s"] if g["tokens_per_s"] else float("nan")
-    dmem = variation_pct(g["peak_memory_mb"], m["peak_memory_mb"])
-    dtime = variation_pct(g["train_time_s"], m["train_time_s"])
-    s = STUDY_TABLE2
-    study_better = "MoE-GQA" if s["moe_gqa"]["test_loss"] < s["gpt2"]["test_loss"] else "GPT-2"
-    study_ratio = s["moe_gqa"]["tokens_per_s"] / s["gpt2"]["tokens_per_s"]
-    study_dmem = variation_pct(s["gpt2"]["peak_memory_mb"], s["moe_gqa"]["peak_memory_mb"])
+def speed_comparison(timings: dict[str, list[list[float]]], tokens_per_step: int) -> dict:
+    """From `steptime.interleaved_step_times`: each model's median tokens/s over all rounds, and each
+    model's throughput over the reference's (the first model) as the median of the rounds' ratios,
+    with their range: {"tokens_per_s": {...}, "ratios": {name: (median, low, high)}, ...}."""
+    import statistics
+    names = list(timings)
+    ref = names[0]
+    med = {n: statistics.median([t for r in rounds for t in r]) for n, rounds in timings.items()}
+    ratios = {}
+    for n in names[1:]:
+        per_round = [statistics.median(ra) / statistics.median(rb) for ra, rb in zip(timings[ref], timings[n])]
+        ratios[n] = (statistics.median(per_round), min(per_round), max(per_round))
+    return {"reference": ref, "tokens_per_s": {n: tokens_per_step / v for n, v in med.items()}, "ratios": ratios,
+            "rounds": len(timings[ref]), "steps_per_round": len(timings[ref][0])}
+
+
+def speed_table(speed: dict) -> pd.DataFrame:
+    rows = {}
+    for n, v in speed["tokens_per_s"].items():
+        r = speed["ratios"].get(n)
+        rows[LABELS.get(n, n)] = {"Throughput, interleaved (tokens/s)": f"{v:,.0f}",
+                                  f"Relative to {label(speed['reference'])} (range over rounds)":
+                                      f"{r[0]:.2f}x ({r[1]:.2f} to {r[2]:.2f})" if r else "1 (reference)"}
+    return pd.DataFrame(rows)
+
+
+def _vs_study(metrics: dict[str, dict]) -> str:
+    """Whether the two arms the study compared order as in the study."""
+    a, b = STUDY_ARMS
+    if a not in metrics or b not in metrics:
+        return ""
+    ours = metrics[b]["test_loss"] < metrics[a]["test_loss"]
+    theirs = STUDY_TABLE2[b]["test_loss"] < STUDY_TABLE2[a]["test_loss"]
+    study = variation_pct(STUDY_TABLE2[a]["test_loss"], STUDY_TABLE2[b]["test_loss"])
+    return (f"The order of {label(a)} and {label(b)} " + ("agrees with" if ours == theirs else "is the opposite of")
+            + f" the study's, where {label(b)} was {study:+.2f}% in test loss against {label(a)} (one run each).")
+
+
+def comparison_line(metrics: dict[str, dict], a: str, b: str, what: str) -> str:
+    """One comparison of Table 2 in words: the variation in loss and perplexity, its paired interval
+    over the same test windows, and whether it exceeds the evaluation's noise."""
+    ma, mb = metrics[a], metrics[b]
+    line = (f"{label(a)} → {label(b)}" + (f" ({what})" if what else "") + ": test loss "
+            f"{ma['test_loss']:.4f} → {mb['test_loss']:.4f}, {variation_pct(ma['test_loss'], mb['test_loss']):+.2f}% "
+            f"(perplexity {variation_pct(ma['test_perplexity'], mb['test_perplexity']):+.2f}%)")
+    p = paired_test(metrics, a, b)
+    if p is None:
+        return line + "."
+    lo, hi = p.variation_ci_pct
+    return line + (f", paired 95% interval [{lo:+.2f}%, {hi:+.2f}%]: "
+                   + ("larger than the evaluation's own noise." if p.beyond_noise
+                      else "within the evaluation's own noise, so these windows cannot tell the two apart."))
+
+
+def quality_line(metrics: dict[str, dict]) -> str:
+    """Every comparison of Table 2, what the intervals do and do not cover, and the study's result."""
+    first = metrics[next(iter(metrics))]
+    lines = [f"  - {comparison_line(metrics, a, b, what)}" for a, b, what in comparisons(metrics)]
+    sample = first.get("evaluation", {}).get("test", {}).get("description")
+    head = "- **Quality.** " + (f"All models read the same test windows ({sample}), so each difference is "
+                                "measured window by window:" if sample else "Test losses:")
+    tail = ("  - The intervals are over text, for these trained models; how much another training seed would "
+            "move a difference is notebook 06's measure, not this one. " + _vs_study(metrics))
+    return "\n".join([head, *lines, tail])
+
+
+def speed_line(metrics: dict[str, dict], speed: dict | None) -> str:
+    """Throughput as the runs measured it and, where notebook 05 timed the models interleaved, those
+    ratios too, saying when the two disagree (load that changed between the runs)."""
+    ref = next(iter(metrics))
+    g = metrics[ref]
+    parts = []
+    for n, m in list(metrics.items())[1:]:
+        ratio = m["tokens_per_s"] / g["tokens_per_s"] if g["tokens_per_s"] else math.nan
+        part = f"{label(n)} {ratio:.2f}x ({m['tokens_per_s']:,.0f} vs {g['tokens_per_s']:,.0f} tokens/s)"
+        if speed and n in speed["ratios"]:
+            med, low, high = speed["ratios"][n]
+            part += f", side by side {med:.2f}x ({low:.2f} to {high:.2f} over rounds)"
+            if not low - 0.05 <= ratio <= high + 0.05:
+                part += (": the training runs disagree with it (they ran one after the other and the machine's "
+                         "load changed between them), so compare speeds by the side-by-side figure")
+        parts.append(part)
+    a, b = STUDY_ARMS
+    study = STUDY_TABLE2[b]["tokens_per_s"] / STUDY_TABLE2[a]["tokens_per_s"]
+    where = (f" side by side, {speed['rounds']} alternating rounds of {speed['steps_per_round']} steps each"
+             if speed else "")
+    return (f"- **Speed.** Throughput relative to {label(ref)} in training{where}: " + "; ".join(parts)
+            + f". The study: {label(b)} {study:.2f}x {label(a)} on a P100.")
+
+
+def discussion(metrics: dict[str, dict], speed: dict | None = None) -> str:
+    """A short Markdown discussion written from the numbers of this run, compared with the study;
+    `speed` (from `speed_comparison`) adds the interleaved timing."""
+    ref = next(iter(metrics))
+    g = metrics[ref]
+    kind = "GPU memory" if g["peak_memory_kind"].startswith("cuda") else "process peak RSS"
+    a, b = STUDY_ARMS
+    study_dmem = variation_pct(STUDY_TABLE2[a]["peak_memory_mb"], STUDY_TABLE2[b]["peak_memory_mb"])
+    others = list(metrics.items())[1:]
+    cost = "; ".join(f"{label(n)} holds {m['total_params'] / 1e6:.1f} M parameters and uses {m['active_params'] / 1e6:.1f} M "
+                     f"per token, {m['flops_per_token'] / g['flops_per_token']:.2f}x the training FLOPs per token"
+                     for n, m in others)
+    memory = "; ".join(f"{label(n)} {variation_pct(g['peak_memory_mb'], m['peak_memory_mb']):+.1f}% "
+                       f"({m['peak_memory_mb']:,.0f} MB)" for n, m in others)
     lines = [
-        f"- **Quality.** {better} reaches the lower test loss: {g['test_loss']:.4f} (GPT-2) vs "
-        f"{m['test_loss']:.4f} (MoE-GQA), {dl:+.1f}% in loss and {dp:+.1f}% in perplexity "
-        f"({g['test_perplexity']:.2f} vs {m['test_perplexity']:.2f}). "
-        + ("This agrees with the study" if better == study_better else "The study found the opposite")
-        + f", where {study_better} was better by {abs(variation_pct(s['gpt2']['test_loss'], s['moe_gqa']['test_loss'])):.1f}% in loss.",
-        f"- **Cost per token.** MoE-GQA holds {m['total_params'] / g['total_params']:.2f}x GPT-2's parameters "
-        f"({m['total_params'] / 1e6:.1f} M vs {g['total_params'] / 1e6:.1f} M) but uses "
-        f"{m['active_params'] / 1e6:.1f} M per token, and {m['flops_per_token'] / g['flops_per_token']:.2f}x "
-        "GPT-2's training FLOPs per token.",
-        f"- **Speed.** MoE-GQA trained at {ratio:.2f}x GPT-2's throughput ({m['tokens_per_s']:,.0f} vs "
-        f"{g['tokens_per_s']:,.0f} tokens/s; study: {study_ratio:.2f}x on a P100); total training time "
-        f"{dtime:+.1f}%.",
-        f"- **Memory.** Peak memory {dmem:+.1f}% for MoE-GQA ({m['peak_memory_mb']:,.0f} vs "
-        f"{g['peak_memory_mb']:,.0f} MB, "
-        f"{'GPU memory' if g['peak_memory_kind'].startswith('cuda') else 'process peak RSS'}); "
-        f"study: {study_dmem:+.1f}% in VRAM.",
+        quality_line(metrics),
+        f"- **Cost per token.** {label(ref)}: {g['total_params'] / 1e6:.1f} M parameters, all active; {cost}.",
+        speed_line(metrics, speed),
+        f"- **Memory.** Peak memory against {label(ref)} ({g['peak_memory_mb']:,.0f} MB, {kind}): {memory}; "
+        f"the study: {label(b)} {study_dmem:+.1f}% in VRAM.",
     ]
-    if g["steps"] != m["steps"] or g["tokens_seen"] != m["tokens_seen"]:
-        lines.append(f"- **Caution.** The two runs saw different amounts of data ({g['tokens_seen']:,} vs "
-                     f"{m['tokens_seen']:,} tokens), so the comparison is not like for like.")
+    seen = {(m["steps"], m["tokens_seen"]) for m in metrics.values()}
+    if len(seen) > 1:
+        lines.append("- **Caution.** The runs saw different amounts of data ("
+                     + ", ".join(f"{label(n)} {m['tokens_seen']:,} tokens" for n, m in metrics.items())
+                     + "), so the comparison is not like for like.")
     lines.append(study_token_check())
     if cautions(metrics):
         lines.append(cautions(metrics))
@@ -317,5 +519,11 @@ def cautions(metrics: dict[str, dict]) -> str:
 
 
 def load_all_metrics(run_dir: str | Path) -> dict[str, dict]:
+    """The metrics of every arm trained in this run directory, in the registry's order."""
     from .train import load_metrics
-    return {name: load_metrics(run_dir, name) for name in ("gpt2", "moe_gqa")}
+    found = [n for n in ARM_NAMES if (Path(run_dir) / "metrics" / f"{n}.json").exists()]
+    if len(found) < 2:
+        raise FileNotFoundError(f"notebook 05 compares at least two trained arms; {Path(run_dir) / 'metrics'} holds "
+                                f"{', '.join(found) or 'none'}. Fix: run the training notebooks "
+                                f"({', '.join(ARMS[n].notebook for n in ARM_NAMES)}) with this run directory first.")
+    return {name: load_metrics(run_dir, name) for name in found}

@@ -39,3 +39,40 @@ def time_training_steps(model: torch.nn.Module, cfg: Config, prec: Precision, ba
         synchronize(prec.device)
         times.append(time.perf_counter() - t0)
     return times[warmup:]
+
+
+@torch.no_grad()
+def time_evaluation_batches(model: torch.nn.Module, cfg: Config, prec: Precision, batch_size: int, batches: int,
+                            warmup: int = 1) -> list[float]:
+    """Seconds of each of `batches` evaluation forwards (the fused loss per token, as the evaluation
+    runs them) after `warmup` untimed ones."""
+    was_training = model.training
+    model.eval()
+    data = random_batches(cfg, batch_size, prec.device)
+    times = []
+    for i in range(warmup + batches):
+        b = data[i % len(data)].to(prec.device)
+        t0 = time.perf_counter()
+        with prec.autocast():
+            model(b[:, :-1], b[:, 1:], per_token=True).loss.sum().item()
+        synchronize(prec.device)
+        times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    return times[warmup:]
+
+
+def interleaved_step_times(names: list[str], cfg: Config, prec: Precision, rounds: int = 3, steps: int = 5,
+                           warmup: int = 2, log=print) -> dict[str, list[list[float]]]:
+    """The benchmark's method for comparing speed on a machine whose load may change: every model
+    built afresh and timed `rounds` times in alternating order (A B, B A, ...): {name: [each round's
+    step times]}. Load that comes and goes then falls on all models alike, unlike in training runs
+    made one after the other."""
+    from .arms import build_model
+    by_round: dict[str, list[list[float]]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            torch.manual_seed(0)
+            model = build_model(name, cfg).to(prec.device)
+            by_round[name].append(time_training_steps(model, cfg, prec, cfg.batch_size, steps, warmup, log=log))
+            del model
+    return by_round

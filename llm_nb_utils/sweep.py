@@ -4,14 +4,15 @@
     python -m llm_nb_utils.sweep --preset small --grid moe --experts 2 4 8 --per-token 1 2
 
 Two grids answer the two questions one run per model cannot:
-- ``seeds``: both models x S seeds. Is MoE-GQA's lower loss the architecture or the luck of one
-  initialisation and data order?
-- ``moe``: ``num_experts`` x ``num_experts_per_token`` x S seeds, GPT-2 as the reference row (the
-  search over MoE settings the study left as future work).
+- ``seeds``: every arm (GPT-2, Dense-GQA, MoE-GQA; `--arms` chooses) x S seeds. Is MoE-GQA's lower
+  loss real, and is it the architecture or the experts? (`--dense-iso-total` adds a Dense-GQA as large
+  as MoE-GQA in total.)
+- ``moe``: ``num_experts`` x ``num_experts_per_token`` x S seeds, GPT-2 and Dense-GQA as reference
+  rows (the search over MoE settings the study left as future work).
 
 Every point trains for the same budget (steps, or tokens turned into steps) on the same prepared data.
-A seed sets both the initialisation and the order of the training windows, so the GPT-2 and MoE-GQA
-runs of one seed see the same batches: their difference is measured pair by pair.
+A seed sets both the initialisation and the order of the training windows, so the runs of one seed
+see the same batches: their differences are measured pair by pair.
 
 The sweep folder holds `data/` (prepared once), `sweep.json` (the budget and base settings) and
 `runs/<point>/`, a run directory per point with its executed notebook, metrics and checkpoints. A
@@ -29,40 +30,45 @@ from pathlib import Path
 
 import pandas as pd
 
+from .arms import ARMS, REFERENCE, parse_arms
 from .config import Config, ConfigError, changed_settings
 from .files import DamagedFileError, StorageError, read_json, write_json
 from .progress import format_duration
 
 KAGGLE_SESSION_HOURS = 12.0
-NOTEBOOK = {"gpt2": "02_gpt2_baseline", "moe_gqa": "03_moe_gqa"}
 MOE_KEYS = ("num_experts", "num_experts_per_token", "moe_intermediate_size")
+DESIGN_KEYS = (*MOE_KEYS, "dense_ff_width")       # what a point may change besides its seed
 
 
 @dataclass(frozen=True)
 class Point:
-    """One training run of the sweep. MoE points carry their expert settings; GPT-2 has none."""
+    """One training run of the sweep. Points of an arm with experts carry their expert settings;
+    a Dense-GQA point its feed-forward width when it is not the default (the iso-total variant)."""
     model: str
     seed: int
     num_experts: int = 0
     num_experts_per_token: int = 0
     moe_intermediate_size: int = 0
+    dense_ff_width: int = 0
 
     @property
     def design(self) -> str:
-        """The point without its seed: what the sweep's table has one row for."""
-        if self.model == "gpt2":
-            return "GPT-2"
-        return f"MoE-GQA {self.num_experts}x{self.num_experts_per_token} ({self.moe_intermediate_size})"
+        """The point without its seed: what the sweep's table has one row for. MoE designs read
+        'E x k (w)': E experts, k per token, each w wide."""
+        label = ARMS[self.model].label.replace(" baseline", "")
+        if self.num_experts:
+            return f"{label} {self.num_experts}x{self.num_experts_per_token} ({self.moe_intermediate_size})"
+        return f"{label} (width {self.dense_ff_width})" if self.dense_ff_width else label
 
     @property
     def name(self) -> str:
-        if self.model == "gpt2":
-            return f"gpt2-seed{self.seed}"
-        return (f"moe_gqa-e{self.num_experts}k{self.num_experts_per_token}"
-                f"-w{self.moe_intermediate_size}-seed{self.seed}")
+        if self.num_experts:
+            return (f"{self.model}-e{self.num_experts}k{self.num_experts_per_token}"
+                    f"-w{self.moe_intermediate_size}-seed{self.seed}")
+        return f"{self.model}{f'-w{self.dense_ff_width}' if self.dense_ff_width else ''}-seed{self.seed}"
 
     def overrides(self) -> dict:
-        return {} if self.model == "gpt2" else {k: getattr(self, k) for k in MOE_KEYS}
+        return {k: getattr(self, k) for k in DESIGN_KEYS if getattr(self, k)}
 
 
 def seed_list(base_seed: int, n: int) -> list[int]:
@@ -83,22 +89,40 @@ def moe_width(cfg: Config, per_token: int, keep_active: bool) -> int:
     return active // per_token
 
 
+def _arm_point(cfg: Config, name: str, seed: int) -> Point:
+    """An arm at the preset's settings; an arm with experts carries them."""
+    if ARMS[name].has_experts:
+        return Point(name, seed, cfg.num_experts, cfg.num_experts_per_token, cfg.moe_intermediate_size)
+    return Point(name, seed)
+
+
 def grid_points(cfg: Config, grid: str, seeds: list[int], experts=(2, 4, 8), per_token=(1, 2),
-                keep_active: bool = False) -> list[Point]:
-    """The points of a grid, GPT-2 first, in seed-major order (a cut-off sweep has whole seeds done)."""
+                keep_active: bool = False, arms=None, dense_iso_total: bool = False) -> list[Point]:
+    """The points of a grid, in the registry's order of arms and seed-major (a cut-off sweep has whole
+    seeds done). `arms` chooses the arms (default all); in the moe grid the arms without experts are
+    the reference rows."""
+    chosen = parse_arms(arms)
     if grid == "seeds":
-        designs = [("gpt2", 0, 0, 0), ("moe_gqa", cfg.num_experts, cfg.num_experts_per_token,
-                                       cfg.moe_intermediate_size)]
+        designs = [_arm_point(cfg, n, 0) for n in chosen]
     elif grid == "moe":
         bad = [(e, k) for e in experts for k in per_token if k > e or e < 1 or k < 1]
         if bad:
             raise ConfigError(f"MoE grid: experts per token must be between 1 and the number of experts (got "
                               f"{', '.join(f'{e} experts x {k} per token' for e, k in bad)}). Fix: drop those values.")
-        designs = [("gpt2", 0, 0, 0)] + [("moe_gqa", e, k, moe_width(cfg, k, keep_active))
-                                         for e in experts for k in per_token]
+        designs = [_arm_point(cfg, n, 0) for n in chosen if not ARMS[n].has_experts]
+        designs += [Point(n, 0, e, k, moe_width(cfg, k, keep_active))
+                    for n in chosen if ARMS[n].has_experts for e in experts for k in per_token]
     else:
         raise ConfigError(f"grid must be 'seeds' or 'moe' (got {grid!r})")
-    return [Point(m, s, e, k, w) for s in seeds for (m, e, k, w) in designs]
+    if dense_iso_total:      # the dense control as large as the MoE in total parameters
+        dense = [d for d in designs if not ARMS[d.model].has_experts and d.model != REFERENCE]
+        if not dense:
+            raise ConfigError("dense_iso_total needs a dense arm other than the reference among the arms. "
+                              "Fix: include dense_gqa in --arms.")
+        at = designs.index(dense[0]) + 1
+        designs.insert(at, Point(dense[0].model, 0, dense_ff_width=cfg.num_experts * cfg.moe_intermediate_size))
+    return [Point(d.model, s, d.num_experts, d.num_experts_per_token, d.moe_intermediate_size, d.dense_ff_width)
+            for s in seeds for d in designs]
 
 
 def budget_steps(cfg: Config, tokens: int = 0) -> int:
@@ -116,7 +140,7 @@ def seconds_per_step(name: str, cfg: Config, steps: int = 3) -> float:
     warm-up step: enough to size a sweep, not a benchmark (benchmarks/ has those)."""
     import statistics
     from .device import resolve_device, resolve_precision
-    from .models import build_model
+    from .arms import build_model
     from .steptime import time_training_steps
     prec = resolve_precision(cfg.dtype, resolve_device(cfg.device), cfg.force_dtype)
     model = build_model(name, cfg).to(prec.device)
@@ -145,7 +169,7 @@ class Sweep:
         would not compare. More seeds or grid points may be added."""
         plan = {"preset": self.cfg.preset, "steps": self.steps,
                 "settings": {k: v for k, v in changed_settings(self.cfg).items()
-                             if k not in ("seed", "max_steps", *MOE_KEYS)}}
+                             if k not in ("seed", "max_steps", *DESIGN_KEYS)}}
         path = self.folder / "sweep.json"
         if path.exists():
             old = read_json(path, "delete sweep.json to start the sweep over")
@@ -184,16 +208,18 @@ class Sweep:
         """Training plus evaluation (an evaluation batch counted as a third of a training step)."""
         cfg, step = self.cfg, self.step_s[p.design]
         evals = self.steps // cfg.eval_freq + 1
-        eval_batches = evals * 2 * cfg.eval_iter + (cfg.test_batches or self.test_batches())
+        test_windows = cfg.test_windows if cfg.eval_protocol == "sampled" and cfg.test_windows else self.test_windows()
+        eval_batches = evals * 2 * cfg.eval_iter + test_windows / cfg.batch_size
         return step * (self.steps + eval_batches / 3)
 
-    def test_batches(self) -> int:
+    def test_windows(self) -> int:
+        """Windows in the prepared test split (0 before the data is prepared)."""
         from .prepare import load_meta
         try:
             tokens = load_meta(self.folder / "data")["splits"]["test"]["tokens"]
         except Exception:
             return 0
-        return max(1, tokens // self.cfg.stride // self.cfg.batch_size)
+        return max(1, tokens // self.cfg.stride)
 
     def estimate(self, max_hours: float = KAGGLE_SESSION_HOURS) -> float:
         """Print the runs, the time per run and in total; warn past `max_hours` or a Kaggle session."""
@@ -244,7 +270,7 @@ class Sweep:
             (run / "logs").mkdir(parents=True, exist_ok=True)
             with open(run / "logs" / "output.log", "a") as out:
                 try:
-                    run_pipeline(params, run, (NOTEBOOK[p.model],), html=False, kernel=kernel,
+                    run_pipeline(params, run, (ARMS[p.model].notebook,), html=False, kernel=kernel,
                                  log=lambda *_: None, stdout=out, stderr=out)
                 except PipelineInterrupted:
                     self.log(f"{head}: interrupted; its state is saved, and the same command continues the sweep")
@@ -282,10 +308,12 @@ class Sweep:
 
 
 def plan(cfg: Config, folder: str | Path, grid: str = "seeds", seeds: int = 3, experts=(2, 4, 8),
-         per_token=(1, 2), keep_active_params: bool = False, budget_tokens: int = 0, log=print) -> Sweep:
+         per_token=(1, 2), keep_active_params: bool = False, budget_tokens: int = 0, log=print,
+         arms="all", dense_iso_total: bool = False) -> Sweep:
     """The sweep of `grid` around `cfg` (its seed is the first seed) in `folder`, checked against what
     the folder already holds."""
-    points = grid_points(cfg, grid, seed_list(cfg.seed, seeds), tuple(experts), tuple(per_token), keep_active_params)
+    points = grid_points(cfg, grid, seed_list(cfg.seed, seeds), tuple(experts), tuple(per_token), keep_active_params,
+                         arms, dense_iso_total)
     sweep = Sweep(cfg, Path(folder), points, budget_steps(cfg, budget_tokens), log)
     for p in points:      # every point's settings valid before any work (e.g. 8 experts x 2 per token)
         sweep.point_config(p)
@@ -294,7 +322,7 @@ def plan(cfg: Config, folder: str | Path, grid: str = "seeds", seeds: int = 3, e
 
 
 def main(argv=None) -> int:
-    """Execute notebook 05 with papermill (it plans, estimates, runs the points and reports), and
+    """Execute notebook 06 with papermill (it plans, estimates, runs the points and reports), and
     render its HTML report."""
     from .config import PRESETS, make_config, parse_overrides
     from .device import DeviceError, resolve_device
@@ -312,6 +340,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="the first seed (default: the preset's, 123)")
     p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="moe grid: numbers of experts")
     p.add_argument("--per-token", type=int, nargs="+", default=[1, 2], help="moe grid: experts per token")
+    p.add_argument("--arms", nargs="+", default=["all"], metavar="ARM",
+                   help=f"the arms to train (default all: {', '.join(ARMS)})")
+    p.add_argument("--dense-iso-total", action="store_true",
+                   help="also a Dense-GQA as wide as all the experts together (MoE-GQA's total parameters)")
     p.add_argument("--keep-active-params", action="store_true",
                    help="moe grid: scale the expert width so per-token x width stays the preset's")
     p.add_argument("--max-steps", type=int, default=0, help="budget per run in steps (default: the preset's)")
@@ -334,8 +366,10 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else default_run_dir(preset).with_name(f"sweep-{args.grid}-{preset}")
         resolve_device(cfg.device)
         Dist(world_size=resolve_gpus(args.gpus, cfg.device)).check_batch(cfg.batch_size)
+        arms = ",".join(parse_arms(args.arms))
         plan(cfg, out, args.grid, args.seeds, args.experts, args.per_token, args.keep_active_params,
-             args.budget_tokens, log=lambda *_: None)          # refuse a bad grid before starting a kernel
+             args.budget_tokens, log=lambda *_: None, arms=arms,
+             dense_iso_total=args.dense_iso_total)          # refuse a bad grid before starting a kernel
     except (ConfigError, StorageError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -343,11 +377,12 @@ def main(argv=None) -> int:
                   corpus_dir=args.corpus_dir, seed=cfg.seed, max_steps=args.max_steps, wandb_mode=args.wandb_mode,
                   progress=False, grid=args.grid, seeds=args.seeds, experts=args.experts,
                   experts_per_token=args.per_token, keep_active_params=args.keep_active_params,
-                  budget_tokens=args.budget_tokens, max_hours=args.max_hours, kernel=args.kernel, gpus=args.gpus)
+                  budget_tokens=args.budget_tokens, max_hours=args.max_hours, kernel=args.kernel, gpus=args.gpus,
+                  arms=arms, dense_iso_total=args.dense_iso_total)
     print(f"[sweep] preset {preset} ({why}); folder {out}")
     t0 = time.perf_counter()
     resume = resume_command(argv).replace("llm_nb_utils.pipeline", "llm_nb_utils.sweep")
-    status, reports = run_from_cli(params, out, ("05_sweep",), resume, "sweep", kernel=args.kernel)
+    status, reports = run_from_cli(params, out, ("06_sweep",), resume, "sweep", kernel=args.kernel)
     if status is not None:
         return status
     print(f"\n[sweep] finished in {format_duration(time.perf_counter() - t0)}; report: {reports[0]}")

@@ -5,6 +5,7 @@ import math
 
 import pandas as pd
 
+from .arms import ARMS, REFERENCE, STEPS
 from .stats import PairedDifference, mean_ci, paired_difference
 
 # The study's single-seed result: MoE-GQA's test loss relative to GPT-2's (3.2127 vs 3.2699).
@@ -44,42 +45,75 @@ def design_means(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+REFERENCE_DESIGN = ARMS[REFERENCE].label.replace(" baseline", "")     # "GPT-2"
+
+
+def _paired(runs: pd.DataFrame, a: str, b: str) -> PairedDifference | None:
+    """Design b's test loss minus design a's, paired by seed (the seeds both have)."""
+    la = runs[runs["design"] == a].set_index("seed")["test_loss"]
+    lb = runs[runs["design"] == b].set_index("seed")["test_loss"]
+    seeds = sorted(set(la.index) & set(lb.index))
+    return paired_difference(la[seeds].tolist(), lb[seeds].tolist()) if seeds else None
+
+
 def differences(runs: pd.DataFrame) -> dict[str, PairedDifference]:
-    """Each MoE design's test loss minus GPT-2's, paired by seed (the seeds both have)."""
-    gpt2 = runs[runs["model"] == "gpt2"].set_index("seed")["test_loss"]
+    """Each design's test loss minus the reference's (GPT-2), paired by seed."""
     out = {}
-    for design, g in runs[runs["model"] != "gpt2"].groupby("design", sort=False):
-        moe = g.set_index("seed")["test_loss"]
-        seeds = sorted(set(gpt2.index) & set(moe.index))
-        if seeds:
-            out[design] = paired_difference(gpt2[seeds].tolist(), moe[seeds].tolist())
+    for design in dict.fromkeys(runs.loc[runs["model"] != REFERENCE, "design"]):
+        d = _paired(runs, REFERENCE_DESIGN, design)
+        if d is not None:
+            out[design] = d
     return out
 
 
+def decomposition(runs: pd.DataFrame) -> list[tuple[str, str, str, PairedDifference]]:
+    """The reference -> MoE difference in its two steps, each paired by seed: (from design, to design,
+    what the step changes, difference). Only arms with one design in the sweep (the seeds grid) take part."""
+    designs = runs.groupby("model", sort=False)["design"].unique()
+    default = {model: d[0] for model, d in designs.items() if len(d) == 1}
+    out = []
+    for a, b, what in (*STEPS, (STEPS[0][0], STEPS[-1][1], "both")):
+        if a in default and b in default and (d := _paired(runs, default[a], default[b])) is not None:
+            out.append((default[a], default[b], what, d))
+    return out
+
+
+def _row(a: str, b: str, d: PairedDifference, base: float, what: str | None = None) -> dict:
+    two = d.n >= 2
+    row = {"Comparison": f"{b} − {a}"}
+    if what:
+        row["What changes"] = what
+    row.update({"Seed pairs": d.n, "Difference": f"{d.mean:+.4f}", "Relative": f"{d.mean / base * 100:+.2f}%",
+                "95% CI": f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]" if two else "one pair: none",
+                "Paired t": f"{d.t:.2f}" if two and math.isfinite(d.t) else "–",
+                "p-value": f"{d.p:.3f}" if two else "–"})
+    return row
+
+
 def differences_table(diffs: dict[str, PairedDifference], runs: pd.DataFrame) -> pd.DataFrame:
-    base = runs[runs["model"] == "gpt2"]["test_loss"].mean()
-    rows = []
-    for design, d in diffs.items():
-        two = d.n >= 2
-        rows.append({"MoE-GQA design": design, "Seed pairs": d.n,
-                     "Test loss − GPT-2": f"{d.mean:+.4f}",
-                     "Relative": f"{d.mean / base * 100:+.2f}%",
-                     "95% CI": f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]" if two else "one pair: none",
-                     "Paired t": f"{d.t:.2f}" if two and math.isfinite(d.t) else "–",
-                     "p-value": f"{d.p:.3f}" if two else "–"})
-    return pd.DataFrame(rows).set_index("MoE-GQA design")
+    """Each design against the reference: mean difference over seed pairs, relative to the reference's
+    mean, its 95% interval and the paired t-test."""
+    base = runs[runs["model"] == REFERENCE]["test_loss"].mean()
+    rows = [_row(REFERENCE_DESIGN, design, d, base) for design, d in diffs.items()]
+    return pd.DataFrame(rows).set_index("Comparison")
 
 
-def _verdict(design: str, d: PairedDifference) -> str:
+def decomposition_table(steps: list, runs: pd.DataFrame) -> pd.DataFrame:
+    """The decomposition's steps, each relative to the mean test loss of the design it starts from."""
+    rows = [_row(a, b, d, runs[runs["design"] == a]["test_loss"].mean(), what) for a, b, what, d in steps]
+    return pd.DataFrame(rows).set_index("Comparison")
+
+
+def _verdict(design: str, d: PairedDifference, other: str = REFERENCE_DESIGN) -> str:
     if d.n < 2:
-        return (f"{design} differs from GPT-2 by {d.mean:+.4f} on the one seed pair trained, and one pair "
+        return (f"{design} differs from {other} by {d.mean:+.4f} on the one seed pair trained, and one pair "
                 "cannot say whether that is more than luck: run at least two seeds.")
     if d.covers_zero:
-        return (f"{design} is **not distinguishable** from GPT-2 at this budget: the mean difference "
+        return (f"{design} is **not distinguishable** from {other} at this budget: the mean difference "
                 f"{d.mean:+.4f} has a 95% interval [{d.ci_low:+.4f}, {d.ci_high:+.4f}] that covers zero "
                 f"(paired t-test over {d.n} seeds, p = {d.p:.3f}).")
     side = "lower" if d.mean < 0 else "higher"
-    return (f"{design} reaches a **{side}** test loss than GPT-2: {d.mean:+.4f} on average, 95% interval "
+    return (f"{design} reaches a **{side}** test loss than {other}: {d.mean:+.4f} on average, 95% interval "
             f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}], which excludes zero (paired t-test over {d.n} seeds, "
             f"p = {d.p:.3f}).")
 
@@ -88,13 +122,17 @@ def conclusion(runs: pd.DataFrame, steps: int, tokens: int) -> str:
     """A paragraph of Markdown from the numbers: the budget, each design against GPT-2, the study."""
     diffs = differences(runs)
     seeds = runs.groupby("design")["seed"].nunique()
-    head = (f"Every run trained for {steps:,} steps ({tokens:,} tokens) on the same data, with "
-            f"{seeds.min()}{'' if seeds.min() == seeds.max() else f' to {seeds.max()}'} seed(s) per design. ")
+    n_seeds = f"{seeds.min()}{'' if seeds.min() == seeds.max() else f' to {seeds.max()}'}"
+    head = (f"Every run trained for {steps:,} steps ({tokens:,} tokens) on the same data, with {n_seeds} "
+            f"seed{'' if seeds.max() == 1 else 's'} per design. ")
     if not diffs:
-        return head + "No MoE-GQA run has a GPT-2 run with the same seed to compare with yet."
+        return head + f"No run has a {REFERENCE_DESIGN} run with the same seed to compare with yet."
     lines = [_verdict(design, d) for design, d in diffs.items()]
+    steps_ = [s for s in decomposition(runs) if s[2] != "both"]
+    for a, b, what, d in steps_:
+        lines.append(f"The step from {a} to {b} changes {what} only: " + _verdict(b, d, a))
     best_design, best = min(diffs.items(), key=lambda kv: kv[1].mean)
-    base = runs[runs["model"] == "gpt2"]["test_loss"].mean()
+    base = runs[runs["model"] == REFERENCE]["test_loss"].mean()
     tail = (f" The study measured MoE-GQA {STUDY_DIFFERENCE_PCT:+.2f}% against GPT-2 with one run each, after two "
             f"full epochs of the paper preset; here {'the best design, ' if len(diffs) > 1 else ''}{best_design}"
             f"{',' if len(diffs) > 1 else ''} is at "

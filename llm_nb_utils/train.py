@@ -1,6 +1,6 @@
 """Training, evaluation and checkpointing: one engine for both models.
 
-`train_model("gpt2" | "moe_gqa", cfg, run_dir)` trains on `<run_dir>/data`, evaluates every
+`train_model(arm, cfg, run_dir)` (an arm of `arms.ARMS`) trains on `<run_dir>/data`, evaluates every
 `eval_freq` steps (and at the last step), checkpoints every `checkpoint_every` steps and at each
 epoch end, and writes `<run_dir>/metrics/<model>.json` plus sample generations. With
 `resume=True` (the default) it continues from the latest readable checkpoint, or just reloads a
@@ -28,15 +28,16 @@ from .accounting import bits_per_byte, model_summary
 from .checkpoint import (CheckpointError, checkpoint_bytes, checkpoint_path, latest_checkpoint, list_checkpoints,
                          load_checkpoint, save_checkpoint)
 from .config import Config
-from .data import load_splits, make_dataloader
+from .data import load_splits
 from .distributed import Dist, init_from_env, launched_by_torchrun, resolve_gpus
 from .errors import SuiteError, TrainingInterrupted
+from .evaluation import estimate, periodic_sample, test_sample, window_losses
 from .files import DamagedFileError, StorageError, check_writable, free_bytes, read_json, shown, write_json
 from .lock import folder_lock
 from .device import (Precision, maybe_compile, peak_memory, reset_peak_memory, resolve_device,
                      resolve_precision, synchronize)
 from .generate import sample_generations
-from .models import build_model
+from .arms import ARMS, build_model
 from .moe import MoEFeedForward
 from .prepare import load_meta
 from .progress import TrainingProgress
@@ -110,34 +111,6 @@ def training_step(model, x, y, optimizer, scaler, prec: Precision, cfg: Config):
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return out
-
-
-@torch.no_grad()
-def evaluate(model, loader, prec: Precision, max_batches: int | None = None,
-             expert_counts: list | None = None, dist: Dist = Dist()) -> float:
-    """Mean next-token loss over the loader's first `max_batches` batches (all if None), token-weighted.
-    Under DDP each rank takes its slice of every batch, and the sums are added over ranks."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=prec.device, dtype=torch.float64)
-    count = torch.zeros((), device=prec.device, dtype=torch.float64)
-    for i, (x, y) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = (dist.shard(t).to(prec.device, non_blocking=True) for t in (x, y))
-        if not y.numel():       # the last, partial batch may leave a rank nothing
-            continue
-        with prec.autocast():
-            out = model(x, y)
-        total += out.loss.double() * y.numel()
-        count += y.numel()
-        if expert_counts is not None and hasattr(model, "expert_counts"):
-            expert_counts.append(model.expert_counts())
-    model.train(was_training)
-    if dist.enabled and expert_counts:      # assignments of all ranks, once (not a collective per batch)
-        expert_counts[:] = [dist.sum_(torch.stack(expert_counts).sum(0).to(prec.device)).cpu()]
-    dist.sum_(total), dist.sum_(count)
-    return (total / count.clamp(min=1)).item()
 
 
 def _rng_state() -> dict:
@@ -232,7 +205,6 @@ class Trainer:
                "each per step" if dist.enabled else ""))
         self.loaders = load_splits(self.run_dir / "data", cfg, pin_memory=self.prec.device.type == "cuda")
         self.train_loader = self.loaders["train"]
-        self.train_eval_loader = make_dataloader(self.train_loader.dataset, cfg.batch_size, shuffle=False)
         self.model = build_model(name, cfg).to(self.prec.device)
         if dist.enabled:
             # The balancing loss uses each expert's share of the *global* batch, so that its gradient,
@@ -245,6 +217,10 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = planned_steps(cfg, self.steps_per_epoch)
         self.warnings = data_warnings(cfg, self.steps_per_epoch)
+        # The windows every evaluation reads: fixed before training, the same for every model and seed.
+        self.eval_samples = {split: periodic_sample(split, len(self.loaders[split].dataset), cfg, self.warnings)
+                             for split in ("train", "val")}
+        self.eval_samples["test"] = test_sample(len(self.loaders["test"].dataset), cfg, self.warnings)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg, self.total_steps))
         self.scaler = torch.amp.GradScaler(self.prec.device.type, enabled=self.prec.use_grad_scaler)
@@ -353,17 +329,22 @@ class Trainer:
                 f"is {last[-1] if last else 'none (no checkpoint yet)'}. Fix: lower lr (now {self.cfg.lr}), keep "
                 "grad_clip on, or use float32 / bfloat16 instead of float16; then resume.")
 
+    def evaluate_on(self, split: str, expert_counts: list | None = None):
+        """Each window's loss on this split's evaluation sample (numpy, float64)."""
+        return window_losses(self.model, self.loaders[split].dataset, self.eval_samples[split], self.cfg.batch_size,
+                             self.prec, self.dist, expert_counts)
+
     def evaluate_now(self, last_aux: torch.Tensor | None, verbose: bool) -> None:
-        """Train and validation loss on `eval_iter` batches, into the history and the tracker.
+        """Train and validation loss on their evaluation samples, into the history and the tracker.
 
         Each point also keeps the loop's wall clock so far (curves against time, not only tokens)
         and, for the MoE, each layer's share of assignments per expert on the validation batches
         (utilisation over training, not only at the end)."""
-        s, cfg = self.state, self.cfg
+        s = self.state
         self.close_segment()
-        train_loss = evaluate(self.model, self.train_eval_loader, self.prec, cfg.eval_iter, dist=self.dist)
+        train_loss = float(self.evaluate_on("train").mean())
         counts: list = []
-        val_loss = evaluate(self.model, self.loaders["val"], self.prec, cfg.eval_iter, counts, self.dist)
+        val_loss = float(self.evaluate_on("val", counts).mean())
         point = {"step": s.step, "tokens_seen": s.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
                  "time_s": round(time.perf_counter() - self.loop_start, 3)}
         if counts:
@@ -450,14 +431,19 @@ class Trainer:
     def finish(self) -> dict:
         s, prec = self.state, self.prec
         expert_counts: list = []
-        test_loss = evaluate(self.model, self.loaders["test"], prec, self.cfg.test_batches or None, expert_counts,
-                             self.dist)
+        losses = self.evaluate_on("test", expert_counts)
+        test = estimate(losses)
+        test_loss = test.mean
         peak, peak_kind = peak_memory(prec.device)
         per_rank = self.dist.gather_floats(max(peak, s.peak_memory_mb), prec.device)
         if not self.dist.is_main:
             return {"model": self.name, "test_loss": test_loss}     # rank 0 writes and reports
         metrics = {
             "model": self.name, "test_loss": test_loss, "test_perplexity": math.exp(test_loss),
+            "test_loss_se": test.se, "test_loss_ci": [test.low, test.high],
+            "test_windows": test.n, "test_tokens_evaluated": self.eval_samples["test"].tokens,
+            "evaluation": {"protocol": self.cfg.eval_protocol, "eval_seed": self.cfg.eval_seed,
+                           **{split: sample.to_dict() for split, sample in self.eval_samples.items()}},
             "train_time_s": s.train_time_s, "tokens_per_s": self.tokens_per_s(),
             "peak_memory_mb": max(per_rank), "peak_memory_kind": peak_kind,
             "world_size": self.dist.world_size, "peak_memory_mb_per_rank": per_rank,
@@ -468,6 +454,8 @@ class Trainer:
             "throughput_definition": THROUGHPUT_DEFINITION, "train_time_definition": TRAIN_TIME_DEFINITION,
             "preset": self.cfg.preset, "config": self.cfg.to_dict(), "history": s.history,
             "warnings": self.warnings,
+            # Each test window's loss, in the sample's order: the paired comparisons of notebook 05.
+            "test_window_losses": [round(float(v), 6) for v in losses],
         }
         test_split = load_meta(self.run_dir / "data")["splits"]["test"]
         if test_split.get("bytes"):
@@ -539,7 +527,7 @@ def write_metrics(metrics: dict, run_dir: str | Path) -> Path:
 
 def load_metrics(run_dir: str | Path, name: str) -> dict:
     path = Path(run_dir) / "metrics" / f"{name}.json"
-    notebook = "02_gpt2_baseline" if name == "gpt2" else "03_moe_gqa"
+    notebook = ARMS[name].notebook if name in ARMS else "the training notebook"
     if not path.exists():
         raise FileNotFoundError(f"no metrics for {name} at {path}. Fix: run notebook {notebook} with this run "
                                 "directory.")

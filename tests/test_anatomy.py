@@ -6,7 +6,7 @@ import pytest
 from llm_nb_utils import anatomy
 from llm_nb_utils.accounting import bits_per_byte, count_params
 from llm_nb_utils.config import make_config
-from llm_nb_utils.models import build_model
+from llm_nb_utils.arms import build_model
 
 
 def test_bits_per_byte_by_hand():

@@ -17,24 +17,25 @@ def load(script):
     return mod
 
 
-def test_throughput_benchmark_reports_both_models(tmp_path, capsys):
+def test_throughput_benchmark_reports_every_arm(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert load("train_throughput").main(["--preset", "smoke", "--device", "cpu", "--steps", "2", "--warmup", "1",
                                           "--batch-size", "2", "4", "--rounds", "2", "--peak-tflops", "1.0",
                                           "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [(r["model"], r["batch_size"]) for r in data["results"]] == [
-        ("gpt2", 2), ("moe_gqa", 2), ("gpt2", 4), ("moe_gqa", 4)]
+        ("gpt2", 2), ("dense_gqa", 2), ("moe_gqa", 2), ("gpt2", 4), ("dense_gqa", 4), ("moe_gqa", 4)]
     for r in data["results"]:
+        assert r["eval_tokens_per_s"] > 0
         assert r["tokens_per_s"] > 0 and r["step_time_s"] > 0 and r["peak_memory_mb"] > 0
         assert r["timed_steps"] == 4                           # 2 steps in each of 2 rounds, pooled
         assert r["step_time_min_s"] <= r["step_time_s"] and r["tokens_per_s"] == r["batch_size"] * 32 / r["step_time_s"]
         assert r["achieved_tflops"] == r["flops_per_token"] * r["tokens_per_s"] / 1e12
         assert r["mfu"] == r["achieved_tflops"] / 1.0
-    assert set(data["moe_over_gpt2"]) == {"2", "4"}
+    assert {k: set(v) for k, v in data["over_reference"].items()} == {"dense_gqa": {"2", "4"}, "moe_gqa": {"2", "4"}}
     from llm_nb_utils import moe
     assert {r.get("moe_dispatch") for r in data["results"]} == {None, "grouped" if moe._GROUPED_MM else "loop"}
-    assert "MoE-GQA / GPT-2 throughput at batch 2" in capsys.readouterr().out
+    assert "MoE-GQA / GPT-2 baseline throughput at batch 2" in capsys.readouterr().out
 
 
 def test_head_loss_benchmark_compares_the_vocabulary_cuts(tmp_path, capsys):
@@ -84,12 +85,12 @@ def test_gpu_check_prepares_what_travels_and_runs(tiny_corpus, tmp_path):
     assert r.returncode == 0 and "gpu_check finished" in r.stdout and "skipped" not in r.stdout, r.stdout + r.stderr
     bench = json.loads((out / "bench.json").read_text())
     assert [(x["model"], x["batch_size"]) for x in bench["results"]] == [
-        ("gpt2", 2), ("moe_gqa", 2), ("gpt2", 4), ("moe_gqa", 4)]
-    assert [x["batch_size"] for x in json.loads((out / "bench_compile.json").read_text())["results"]] == [2, 2]
+        ("gpt2", 2), ("dense_gqa", 2), ("moe_gqa", 2), ("gpt2", 4), ("dense_gqa", 4), ("moe_gqa", 4)]
+    assert [x["batch_size"] for x in json.loads((out / "bench_compile.json").read_text())["results"]] == [2, 2, 2]
     head = json.loads((out / "head_loss.json").read_text())
     assert (head["rows"], head["emb_dim"], head["vocab"]) == (4 * 32, 64, 50257)     # the smoke shape
     trained = json.loads((out / "short_train.json").read_text())
-    assert {k: v["steps"] for k, v in trained.items()} == {"gpt2": 2, "moe_gqa": 2}
+    assert {k: v["steps"] for k, v in trained.items()} == {"gpt2": 2, "dense_gqa": 2, "moe_gqa": 2}
     assert len(list(out.iterdir())) <= 9                   # what a device run can bring back
     assert subprocess.run(["bash", script], capture_output=True).returncode == 2
 

@@ -123,7 +123,7 @@ def test_loaders_shuffle_train_only_and_table1_matches(prepared_run, smoke_cfg):
     assert list(loaders["val"].batch_sampler)[0] == list(range(smoke_cfg.batch_size))
     t1 = table1(prepared_run / "data", smoke_cfg, loaders)
     assert list(t1.columns) == ["train", "validation", "test"]
-    assert list(t1.index) == ["words", "samples", "tokens_per_sample", "batch_size", "batches"]
+    assert list(t1.index) == ["words", "samples", "tokens_per_sample", "batch_size", "batches", "words: (top level)"]
     assert t1.loc["samples", "train"] == len(loaders["train"].dataset)
     assert t1.loc["batches", "train"] == t1.loc["samples", "train"] // smoke_cfg.batch_size
     assert t1.loc["batches", "test"] == -(-t1.loc["samples", "test"] // smoke_cfg.batch_size)

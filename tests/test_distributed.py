@@ -98,7 +98,7 @@ def test_the_workers_to_interrupt_are_found_as_the_launchers_children():
 def ddp_cfg():
     from llm_nb_utils.config import make_config
     return make_config("smoke", device="cpu", batch_size=8, max_steps=30, eval_freq=10, checkpoint_every=15,
-                       test_batches=20, wandb_mode="disabled")
+                       test_windows=160, wandb_mode="disabled")
 
 
 @pytest.mark.slow
@@ -114,11 +114,13 @@ def test_two_processes_train_as_one_and_resume_as_one(name, ddp_cfg, prepared_ru
     assert any("2 processes (gloo), 4 windows each per step" in l for l in lines), lines
     assert two["tokens_seen"] == one["tokens_seen"] == 30 * 8 * ddp_cfg.context_length
     assert len(curve(two["history"])) == len(curve(one["history"]))
+    # fp32 sums in another order (a rank multiplies half a batch): equal to a few parts in a million.
+    # Measured on the evaluation windows spread over the splits: 1.6e-6 relative (1.3e-5 absolute at 8.33).
     for a, b in zip(curve(one["history"]), curve(two["history"])):
         assert a["step"] == b["step"]
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
-    assert two["test_loss"] == pytest.approx(one["test_loss"], abs=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
     # The 2-process checkpoint at step 15, continued by one process, ends where one process ends.
     ckpts = tmp_path / "two" / "checkpoints" / name
     assert sorted(p.name for p in ckpts.glob("step_*.pt")) == ["step_00000015.pt", "step_00000030.pt"]

@@ -7,7 +7,8 @@ transformers = pytest.importorskip("transformers")
 from llm_nb_utils.config import make_config  # noqa: E402
 from llm_nb_utils.export_hf import ExportError, export_hf, to_hf  # noqa: E402
 from llm_nb_utils.generate import generate  # noqa: E402
-from llm_nb_utils.models import build_model  # noqa: E402
+from llm_nb_utils.accounting import count_params  # noqa: E402
+from llm_nb_utils.arms import ARM_NAMES, ARMS, build_model  # noqa: E402
 from llm_nb_utils.tokenizer import encode  # noqa: E402
 
 
@@ -31,18 +32,21 @@ CASES = {
     "moe_gqa": dict(),
     "moe_gqa_bias_untied": dict(bias=True, tie_embeddings=False, n_kv_groups=1, num_experts=3,
                                 num_experts_per_token=1),
+    "dense_gqa": dict(),
+    "dense_gqa_bias_untied_iso_total": dict(bias=True, tie_embeddings=False, dense_ff_width=4 * 128),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_small_models_match_transformers(case, tmp_path):
-    name = "gpt2" if case.startswith("gpt2") else "moe_gqa"
+    name = next(n for n in ARM_NAMES if case.startswith(n))
     cfg = make_config("smoke", device="cpu", rope_base=500.0, norm_eps=1e-6, **CASES[case])
     model = randomise(build_model(name, cfg))
     out = export_hf(model, tmp_path / case)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
-    expected = "GPT2LMHeadModel" if name == "gpt2" else "Qwen3MoeForCausalLM"
-    assert type(hf).__name__ == expected
+    assert type(hf).__name__ == ARMS[name].hf_class
+    if name != "gpt2" or cfg.bias:      # GPT2LMHeadModel always has biases (zeros when we have none)
+        assert hf.num_parameters() == count_params(model)["total_params"]
     batch = torch.randint(0, cfg.vocab_size, (2, cfg.context_length), generator=torch.Generator().manual_seed(0))
     diff = max_logit_diff(model, hf, batch)
     print(f"{case}: max |logit difference| = {diff:.2e}")
@@ -53,11 +57,13 @@ def test_small_models_match_transformers(case, tmp_path):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "moe_gqa"])
+@pytest.mark.parametrize("name", ARM_NAMES)
 def test_paper_shapes_match_transformers(name):
     cfg = make_config("paper", device="cpu")
     model = randomise(build_model(name, cfg))
     hf = to_hf(model)
+    if name != "gpt2":
+        assert hf.num_parameters() == count_params(model)["total_params"]
     batch = torch.randint(0, cfg.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     diff = max_logit_diff(model, hf, batch)
     print(f"paper {name}: max |logit difference| = {diff:.2e}")
@@ -81,8 +87,9 @@ def test_tokenizer_files_reproduce_tiktoken_ids(tmp_path):
 
 
 def test_settings_the_target_cannot_express_are_refused():
-    with pytest.raises(ExportError, match="QK-norm"):
-        to_hf(build_model("moe_gqa", make_config("smoke", device="cpu", qk_norm=False)))
+    for name in ("moe_gqa", "dense_gqa"):
+        with pytest.raises(ExportError, match="QK-norm"):
+            to_hf(build_model(name, make_config("smoke", device="cpu", qk_norm=False)))
     with pytest.raises(ExportError, match="n_heads \\* head_dim == emb_dim"):
         to_hf(build_model("gpt2", make_config("smoke", device="cpu", head_dim=8)))
 

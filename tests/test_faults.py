@@ -236,6 +236,8 @@ def test_a_1kb_corpus_warns_up_front_and_the_report_says_so(tmp_path):
     assert steps < 10
     assert any(f"gives only {steps} steps" in w and "fewer than the max_steps=30 asked" in w for w in warnings)
     assert any("no periodic evaluation" in w for w in warnings)
+    assert any("the val split has only" in w and "it reads all of them" in w for w in warnings)
+    assert m["evaluation"]["val"]["how"] == "all"
     assert [h["step"] for h in m["history"]] == [steps]          # the curve still has its last point
     assert f"Caution (GPT-2 baseline):** the training data gives only {steps} steps" in cautions({"gpt2": m})
 
@@ -267,7 +269,7 @@ def test_wandb_online_with_an_unreachable_server_falls_back_to_offline_in_second
 def test_the_exported_aux_loss_coefficient_gives_transformers_the_same_penalty():
     pytest.importorskip("transformers")
     from llm_nb_utils.export_hf import to_hf
-    from llm_nb_utils.models import build_model
+    from llm_nb_utils.arms import build_model
     c = cfg(n_layers=1, num_experts=4, num_experts_per_token=2, aux_loss_coef=0.01)   # one layer: no pooling
     model = build_model("moe_gqa", c).eval()
     x = torch.randint(0, c.vocab_size, (2, 16))

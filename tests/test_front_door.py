@@ -32,22 +32,22 @@ def bootstrap_source(name="01_data_prep"):
     return next(c.source for c in cells(name) if "bootstrap" in c.metadata.get("tags", []))
 
 
-SWEEP_PARAMETERS = {"grid": "str", "seeds": "int", "experts": "list", "experts_per_token": "list",
+SWEEP_PARAMETERS = {"grid": "str", "arms": "str", "dense_iso_total": "bool", "seeds": "int", "experts": "list", "experts_per_token": "list",
                     "keep_active_params": "bool", "budget_tokens": "int", "max_hours": "float", "kernel": "str"}
 
 
-@pytest.mark.parametrize("name", (*NOTEBOOKS, "05_sweep"))
+@pytest.mark.parametrize("name", (*NOTEBOOKS, "06_sweep"))
 def test_papermill_reads_every_parameter_with_its_type_and_no_warning(name, caplog):
     import papermill as pm
     with caplog.at_level(logging.WARNING, logger="papermill"):
         params = pm.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))
-    expected = {**EXPECTED_PARAMETERS, **(SWEEP_PARAMETERS if name == "05_sweep" else {})}
+    expected = {**EXPECTED_PARAMETERS, **(SWEEP_PARAMETERS if name == "06_sweep" else {})}
     assert {k: v["inferred_type_name"] for k, v in params.items()} == expected
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
 def test_every_notebook_starts_with_its_parameters_then_the_same_bootstrap():
-    for name in (*NOTEBOOKS, "05_sweep"):
+    for name in (*NOTEBOOKS, "06_sweep"):
         code = [c for c in cells(name) if c.cell_type == "code"]
         assert "parameters" in code[0].metadata.tags, name
         assert "bootstrap" in code[1].metadata.tags and "remove_cell" in code[1].metadata.tags, name
@@ -105,7 +105,7 @@ def test_alone_the_first_cell_installs_the_package_from_package_source(kaggle_la
     r = run_bootstrap(alone, str(build), env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == f"llm_nb_utils 0.1.0 from {site / 'llm_nb_utils'}"
-    assert (site / "llm_nb_utils" / "notebooks" / "03_moe_gqa.ipynb").exists()   # the pipeline's notebooks travel
+    assert (site / "llm_nb_utils" / "notebooks" / "04_moe_gqa.ipynb").exists()   # the pipeline's notebooks travel
 
 
 def test_alone_without_a_source_the_first_cell_says_what_to_set(tmp_path):
@@ -185,7 +185,7 @@ def test_the_paper_preset_on_a_cpu_prints_its_estimate(prepared_run, tmp_path):
     from llm_nb_utils.train import train_model
     shutil.copytree(prepared_run / "data", tmp_path / "data")
     # the paper model itself; evaluation, test and samples cut to one batch or token each (not what is tested)
-    cfg = make_config("paper", device="cpu", max_steps=8, log_every=1, test_batches=1, sample_max_new_tokens=2,
+    cfg = make_config("paper", device="cpu", max_steps=8, log_every=1, test_windows=1, sample_max_new_tokens=2,
                       eval_iter=1)
     lines = []
     train_model("gpt2", cfg, tmp_path, progress=False, wandb_mode="disabled", log=lines.append)

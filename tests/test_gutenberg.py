@@ -135,7 +135,7 @@ def test_offline_error_is_clear(tmp_path):
 
 
 def test_a_notebook_without_a_local_corpus_downloads_one_and_prepares_it(server, tmp_path, monkeypatch, capsys):
-    """What notebooks 01 and 05 run on a fresh Colab machine: auto finds no local corpus, so books
+    """What notebooks 01 and 06 run on a fresh Colab machine: auto finds no local corpus, so books
     come from Gutenberg (here the loopback server) into the run directory, then become token files."""
     import functools
     from llm_nb_utils import env, gutenberg

@@ -9,12 +9,48 @@ from llm_nb_utils.accounting import count_params, flops_per_token
 from llm_nb_utils.attention import GroupedQueryAttention, MultiHeadAttention
 from llm_nb_utils.config import make_config
 from llm_nb_utils.generate import generate
-from llm_nb_utils.layers import apply_rope, rope_tables
-from llm_nb_utils.models import build_model
+from llm_nb_utils.layers import SwiGLUFeedForward, apply_rope, rope_tables
+from llm_nb_utils.arms import ARM_NAMES, build_model
 from llm_nb_utils import moe as moe_mod
 from llm_nb_utils.moe import MoEFeedForward
 
-NAMES = ["gpt2", "moe_gqa"]
+NAMES = list(ARM_NAMES)
+
+
+@pytest.mark.parametrize("path", ["loop", "grouped"])
+def test_a_one_expert_top1_moe_is_the_dense_swiglu_exactly(path, monkeypatch):
+    """Dense-GQA and MoE-GQA share one SwiGLU: with one expert and top-1 routing the gate weight is
+    exactly 1, and the MoE layer must equal the dense layer carrying the same weights, bit for bit
+    (the loop path runs the very same products; the grouped kernel may round differently)."""
+    torch.manual_seed(0)
+    moe = MoEFeedForward(16, 32, num_experts=1, top_k=1)
+    for w in (moe.w_gate, moe.w_up, moe.w_down, moe.router.weight):
+        torch.nn.init.normal_(w, std=0.3)
+    dense = SwiGLUFeedForward(16, 32)
+    with torch.no_grad():
+        for role in ("w_gate", "w_up", "w_down"):
+            getattr(dense, role).copy_(getattr(moe, role)[0])
+    monkeypatch.setattr(MoEFeedForward, "uses_grouped_mm", lambda *_: path == "grouped")
+    x = torch.randn(3, 7, 16)
+    if path == "loop":
+        assert torch.equal(moe(x), dense(x))
+    else:
+        torch.testing.assert_close(moe(x), dense(x), rtol=1e-6, atol=1e-6)
+
+
+def test_dense_gqa_is_moe_gqa_with_a_dense_feed_forward():
+    """The same attention, norms, embeddings and head (same names, same shapes); the feed-forward as
+    wide as the experts a token uses, so active parameters differ by the router alone."""
+    cfg = tiny()
+    dense, moe = (build_model(n, cfg).state_dict() for n in ("dense_gqa", "moe_gqa"))
+    shared = {k for k in moe if ".moe." not in k}
+    assert shared == {k for k in dense if ".ff." not in k}
+    assert all(dense[k].shape == moe[k].shape for k in shared)
+    assert dense["blocks.0.ff.w_gate"].shape == (cfg.emb_dim, cfg.num_experts_per_token * cfg.moe_intermediate_size)
+    a, b = (count_params(build_model(n, cfg)) for n in ("dense_gqa", "moe_gqa"))
+    assert b["active_params"] - a["active_params"] == cfg.n_layers * cfg.emb_dim * cfg.num_experts
+    iso_total = count_params(build_model("dense_gqa", tiny(dense_ff_width=cfg.num_experts * cfg.moe_intermediate_size)))
+    assert iso_total["total_params"] == b["total_params"] - cfg.n_layers * cfg.emb_dim * cfg.num_experts
 
 
 def tiny(**kw):

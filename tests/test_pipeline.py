@@ -10,6 +10,7 @@ import nbformat
 import pandas as pd
 import pytest
 
+from llm_nb_utils.arms import ARM_NAMES
 from llm_nb_utils.pipeline import NOTEBOOKS, main
 from llm_nb_utils.env import REPO
 
@@ -40,19 +41,22 @@ def test_the_terminal_shows_the_notebooks_not_papermill_the_kernel_or_asyncio(pi
         assert noise not in printed, noise
     for name in NOTEBOOKS:
         assert f"[pipeline] {name}: running" in proc.stdout and f"[pipeline] {name}: done in" in proc.stdout
-    assert "gpt2: test loss" in proc.stdout and "moe_gqa: test loss" in proc.stdout   # what the notebooks print
+    for name in ARM_NAMES:
+        assert f"{name}: test loss" in proc.stdout                            # what the notebooks print
+    assert "[pipeline] training 30 steps per arm, estimated from 3 timed steps each: gpt2 ~" in proc.stdout
     assert "without encryption" in (pipeline_proc[0] / "logs" / "02_gpt2_baseline.kernel.log").read_text()
 
 
 @pytest.fixture(scope="module")
 def run_metrics(pipeline_run):
-    return {n: json.loads((pipeline_run / "metrics" / f"{n}.json").read_text()) for n in ("gpt2", "moe_gqa")}
+    return {n: json.loads((pipeline_run / "metrics" / f"{n}.json").read_text()) for n in ARM_NAMES}
 
 
 def test_table1_describes_the_windows_actually_used(pipeline_run):
     t1 = pd.read_csv(pipeline_run / "table1.csv", index_col=0)
     assert list(t1.columns) == ["train", "validation", "test"]
-    assert list(t1.index) == ["words", "samples", "tokens_per_sample", "batch_size", "batches"]
+    assert list(t1.index) == ["words", "samples", "tokens_per_sample", "batch_size", "batches", "words: (top level)"]
+    assert (t1.loc["words: (top level)"] == t1.loc["words"]).all()      # one collection: all the words
     assert (t1.loc["tokens_per_sample"] == 32).all() and (t1.loc["batch_size"] == 4).all()
     assert t1.loc["batches", "train"] == t1.loc["samples", "train"] // 4       # full batches only
     meta = json.loads((pipeline_run / "data" / "meta.json").read_text())
@@ -68,26 +72,61 @@ def test_both_runs_took_the_steps_the_preset_asks_for(run_metrics):
 
 def test_table2_columns_are_the_metrics_files_and_variation_is_signed(pipeline_run, run_metrics):
     t2 = pd.read_csv(pipeline_run / "table2.csv", index_col=0)
-    assert list(t2.columns) == ["gpt2", "moe_gqa", "variation_pct"]
+    steps = [("gpt2", "dense_gqa"), ("dense_gqa", "moe_gqa"), ("gpt2", "moe_gqa")]   # architecture, experts, both
+    assert list(t2.columns) == [*ARM_NAMES, *(f"{b}_vs_{a}_{s}" for a, b in steps for s in ("pct", "ci_low", "ci_high"))]
     rows = ["test_loss", "test_perplexity", "train_time_s", "peak_memory_mb", "tokens_per_s", "test_bits_per_byte",
-            "total_params", "active_params", "flops_per_token", "tokens_seen"]
-    assert list(t2.index) == rows
-    for row in rows:
-        g, m = run_metrics["gpt2"][row], run_metrics["moe_gqa"][row]
-        assert (t2.loc[row, "gpt2"], t2.loc[row, "moe_gqa"]) == (pytest.approx(g), pytest.approx(m)), row
-        assert t2.loc[row, "variation_pct"] == pytest.approx((m - g) / g * 100), row
+            "total_params", "active_params", "flops_per_token", "tokens_seen", "test_windows", "test_tokens_evaluated"]
+    assert list(t2.drop(index="test_loss_ci95").index) == rows
+    assert t2.loc["test_windows", "gpt2"] == 128 and t2.loc["test_tokens_evaluated", "gpt2"] == 128 * 32
+    for a, b in steps:
+        col = f"{b}_vs_{a}"
+        for row in ("test_loss", "test_perplexity", "test_bits_per_byte"):    # the paired interval holds the point
+            assert t2.loc[row, f"{col}_ci_low"] < t2.loc[row, f"{col}_pct"] < t2.loc[row, f"{col}_ci_high"], (col, row)
+        for row in rows:
+            va, vb = run_metrics[a][row], run_metrics[b][row]
+            assert (t2.loc[row, a], t2.loc[row, b]) == (pytest.approx(va), pytest.approx(vb)), row
+            assert t2.loc[row, f"{col}_pct"] == pytest.approx((vb - va) / va * 100), (col, row)
+    for name in ARM_NAMES:
+        low, high = run_metrics[name]["test_loss_ci"]
+        assert t2.loc["test_loss_ci95", name] == pytest.approx((high - low) / 2)
+    dense, moe = run_metrics["dense_gqa"], run_metrics["moe_gqa"]
+    assert moe["active_params"] - dense["active_params"] == 2 * 64 * 4      # the routers: layers x width x experts
+
+
+def test_the_test_loss_agrees_with_an_independent_sample_spread_over_the_split(pipeline_run, run_metrics):
+    """Another seeded sample of test windows, read from the final checkpoints, gives the same test loss
+    within the two samples' intervals: the reported figure stands for the split, not for one passage."""
+    import numpy as np
+    import torch
+    from llm_nb_utils import evaluation as ev
+    from llm_nb_utils.config import Config
+    from llm_nb_utils.data import load_splits
+    from llm_nb_utils.device import resolve_precision
+    from llm_nb_utils.train import load_trained_model
+    for name, m in run_metrics.items():
+        cfg = Config(**{**m["config"], "eval_seed": m["config"]["eval_seed"] + 1})
+        model = load_trained_model(pipeline_run, name, cfg)
+        ds = load_splits(pipeline_run / "data", cfg)["test"].dataset
+        sample = ev.test_sample(len(ds), cfg)
+        assert sample.fingerprint() != m["evaluation"]["test"]["fingerprint"]
+        other = ev.estimate(ev.window_losses(model, ds, sample, cfg.batch_size,
+                                             resolve_precision("float32", torch.device("cpu"))))
+        ours = ev.estimate(m["test_window_losses"])
+        assert ours.mean == pytest.approx(m["test_loss"], abs=1e-6) and ours.n == m["test_windows"] == 128
+        assert abs(other.mean - ours.mean) < 1.96 * np.hypot(other.se, ours.se), name
 
 
 def test_the_report_shows_the_computed_numbers(pipeline_run, run_metrics):
-    report = (pipeline_run / "reports" / "04_compare_and_report.html").read_text()
+    report = (pipeline_run / "reports" / "05_compare_and_report.html").read_text()
     g, m = run_metrics["gpt2"], run_metrics["moe_gqa"]
     for text in [f"{g['test_loss']:.4f}", f"{m['test_loss']:.4f}", f"{g['test_perplexity']:.2f}",
-                 f"{(m['test_loss'] - g['test_loss']) / g['test_loss'] * 100:+.1f}%",
+                 f"{(m['test_loss'] - g['test_loss']) / g['test_loss'] * 100:+.2f}% [", "Dense-GQA vs GPT-2 baseline",
+                 "MoE-GQA vs Dense-GQA", "(the experts)", "(the architecture)", "Qwen3ForCausalLM: 'lisboa",
+                 "128 of ", "windows (4,096 tokens", "paired 95% interval", "alternating rounds",
                  f"{m['tokens_per_s']:,.0f}", "NVIDIA Tesla P100", "Discussion", "smoke",
                  "GPT2LMHeadModel: 'lisboa", "Qwen3MoeForCausalLM: 'lisboa"]:
         assert text in report, text
-    better = "MoE-GQA" if m["test_loss"] < g["test_loss"] else "GPT-2"
-    assert f"{better} reaches the lower test loss" in report
+    assert f"GPT-2 baseline → MoE-GQA (both steps: the study's comparison): test loss {g['test_loss']:.4f}" in report
     assert "only 30 training steps" in report                  # the caution beside the numbers
     assert report.count("data:image/png;base64") >= 2          # loss curves + expert utilisation
 
@@ -122,10 +161,10 @@ def test_reports_have_no_stray_reprs_raw_keys_or_images_without_alt_text(pipelin
 
 
 def test_exports_and_figures_are_written(pipeline_run):
-    for name in ("gpt2", "moe_gqa"):
+    for name in ARM_NAMES:
         hf = pipeline_run / "hf" / name
         assert (hf / "model.safetensors").stat().st_size > 1000 and (hf / "merges.txt").exists()
-    for fig in ["loss_curves.png", "gpt2_loss.png", "moe_gqa_loss.png", "moe_expert_utilisation.png",
+    for fig in ["loss_curves.png", "gpt2_loss.png", "dense_gqa_loss.png", "moe_gqa_loss.png", "moe_expert_utilisation.png",
                 "document_lengths.png"]:
         assert (pipeline_run / "figures" / fig).stat().st_size > 1000, fig
     assert not [p for p in pipeline_run.rglob(".*.tmp") if "wandb" not in p.parts]   # every atomic write completed
@@ -159,7 +198,7 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
 
 def test_notebooks_are_committed_clean_and_share_their_parameters():
     names = None
-    for name in (*NOTEBOOKS, "05_sweep"):
+    for name in (*NOTEBOOKS, "06_sweep"):
         nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in code), f"{name} has outputs"
@@ -167,6 +206,6 @@ def test_notebooks_are_committed_clean_and_share_their_parameters():
         assert len(params) == 1, name
         assigned = {n.target.id for n in ast.parse(params[0].source).body}
         names = names or assigned
-        assert assigned == names or (name == "05_sweep" and assigned > names), name   # 05 adds the sweep's
+        assert assigned == names or (name == "06_sweep" and assigned > names), name   # 05 adds the sweep's
         logic = [c for c in code if c not in params and "bootstrap" not in c.metadata.get("tags", [])]
         assert all(len(c.source.splitlines()) <= 10 for c in logic), f"{name} has a long code cell"

@@ -18,7 +18,7 @@ from llm_nb_utils import report, tracking
 from llm_nb_utils import train as engine
 from llm_nb_utils.config import PRESETS, Config, make_config, parse_overrides
 from llm_nb_utils.env import REPO
-from llm_nb_utils.models import build_model
+from llm_nb_utils.arms import ARM_NAMES, build_model
 from llm_nb_utils.prepare import prepare_data
 
 quiet = dict(progress=False, log=lambda *_: None, wandb_mode="disabled")
@@ -93,7 +93,7 @@ def killed_after(name, c, run, reason):
 
 # --- 1. resume under the real schedule ------------------------------------------------------------
 
-SCHEDULE = dict(max_steps=16, eval_freq=4, checkpoint_every=4, lr_schedule="cosine", warmup_steps=4, test_batches=5)
+SCHEDULE = dict(max_steps=16, eval_freq=4, checkpoint_every=4, lr_schedule="cosine", warmup_steps=4, test_windows=5)
 
 
 @pytest.mark.slow
@@ -132,7 +132,7 @@ def two_plays(tiny_corpus, tmp_path_factory):
 
 
 EPOCHS = dict(max_steps=0, max_epochs=2, batch_size=8, eval_freq=5, checkpoint_every=1000, warmup_steps=3,
-              test_batches=5)
+              test_windows=5)
 
 
 @pytest.mark.slow
@@ -204,7 +204,7 @@ def overflow_at(step: int):
 
 def test_an_fp16_gradient_overflow_skips_the_step_halves_the_scale_and_resumes_it(prepared_run, tmp_path, monkeypatch):
     half = dict(dtype="float16", force_dtype=True, checkpoint_every=100, eval_freq=100, lr_schedule="constant",
-                warmup_steps=0, test_batches=2)
+                warmup_steps=0, test_windows=2)
     two = engine.train_model("gpt2", cfg(max_steps=2, **half), fresh(prepared_run, tmp_path / "two"), **quiet)
     monkeypatch.setattr(engine, "build_model", overflow_at(3))
     run = fresh(prepared_run, tmp_path / "three")
@@ -231,41 +231,89 @@ def metrics_pair(**changes):
     return {"gpt2": base, "moe_gqa": moe}
 
 
+def metrics_three(**changes):
+    """The pair plus a Dense-GQA between them, with per-window test losses on the same windows."""
+    import numpy as np
+    m = metrics_pair(**changes)
+    m = {"gpt2": m["gpt2"], "dense_gqa": {**m["gpt2"], "test_loss": 3.95, "test_perplexity": math.exp(3.95),
+                                            "active_params": 16_900_000, "total_params": 16_900_000},
+         "moe_gqa": m["moe_gqa"]}
+    difficulty = np.random.default_rng(0).normal(0, 1, 400)
+    for name, noise in (("gpt2", 1), ("dense_gqa", 2), ("moe_gqa", 3)):
+        losses = m[name]["test_loss"] + difficulty + np.random.default_rng(noise).normal(0, 0.05, 400)
+        losses += m[name]["test_loss"] - losses.mean()               # the mean is the reported loss
+        m[name] |= {"test_window_losses": losses.tolist(), "test_loss_ci": [m[name]["test_loss"] - 0.1,
+                                                                            m[name]["test_loss"] + 0.1],
+                    "evaluation": {"test": {"fingerprint": "same", "description": "400 of 4,000 windows"}}}
+    return m
+
+
 def test_variation_sign_and_a_zero_denominator():
     assert report.variation_pct(100, 110) == pytest.approx(10.0)
     assert report.variation_pct(100, 90) == pytest.approx(-10.0)
     assert math.isnan(report.variation_pct(0, 5))
     t2 = report.table2(metrics_pair())
-    assert t2.loc["test_loss", "variation_pct"] == pytest.approx(-2.5)
-    assert t2.loc["tokens_per_s", "variation_pct"] == pytest.approx(-25.0)
-    assert list(t2.columns) == ["gpt2", "moe_gqa", "variation_pct"]
+    assert t2.loc["test_loss", "moe_gqa_vs_gpt2_pct"] == pytest.approx(-2.5)
+    assert t2.loc["tokens_per_s", "moe_gqa_vs_gpt2_pct"] == pytest.approx(-25.0)
+    assert list(t2.columns) == ["gpt2", "moe_gqa", "moe_gqa_vs_gpt2_pct", "moe_gqa_vs_gpt2_ci_low",
+                                "moe_gqa_vs_gpt2_ci_high"]
+    assert t2["moe_gqa_vs_gpt2_ci_low"].isna().all()          # no window losses kept: no paired interval
+
+
+def test_three_arms_decompose_the_difference_with_paired_intervals():
+    m = metrics_three()
+    t2 = report.table2(m)
+    arch, experts, both = (t2.loc["test_loss", f"{b}_vs_{a}_pct"] for a, b in
+                           (("gpt2", "dense_gqa"), ("dense_gqa", "moe_gqa"), ("gpt2", "moe_gqa")))
+    assert arch == pytest.approx(-1.25) and experts == pytest.approx((3.9 - 3.95) / 3.95 * 100)
+    assert both == pytest.approx(-2.5)
+    for a, b in (("gpt2", "dense_gqa"), ("dense_gqa", "moe_gqa"), ("gpt2", "moe_gqa")):
+        col = f"{b}_vs_{a}"
+        low, high = t2.loc["test_loss", f"{col}_ci_low"], t2.loc["test_loss", f"{col}_ci_high"]
+        assert low < t2.loc["test_loss", f"{col}_pct"] < high and high - low < 1.0     # paired: narrow
+    shown = report.pretty(t2, "cuda_max_memory_allocated_mb")
+    assert list(shown.columns) == ["GPT-2 baseline", "Dense-GQA", "MoE-GQA", "Dense-GQA vs GPT-2 baseline",
+                                   "MoE-GQA vs Dense-GQA", "MoE-GQA vs GPT-2 baseline"]
+    assert shown.loc["Test loss", "GPT-2 baseline"] == "4.0000 ± 0.1000"
+    assert shown.loc["Test loss", "Dense-GQA vs GPT-2 baseline"].startswith("-1.25% [")
+    text = report.discussion(m)
+    assert "GPT-2 baseline → Dense-GQA (the architecture): test loss 4.0000 → 3.9500, -1.25%" in text
+    assert "Dense-GQA → MoE-GQA (the experts)" in text and "larger than the evaluation's own noise" in text
+    assert "400 of 4,000 windows" in text
 
 
 def test_pretty_formats_and_memory_labels():
     t2 = report.table2(metrics_pair())
     gpu = report.pretty(t2, "cuda_max_memory_allocated_mb")
+    col = "MoE-GQA vs GPT-2 baseline"
     assert gpu.loc["Test loss", "GPT-2 baseline"] == "4.0000" and gpu.loc["Test perplexity", "MoE-GQA"] == "49.40"
     assert gpu.loc["Throughput (tokens/s)", "GPT-2 baseline"] == "2,000"
     assert gpu.loc["Total parameters", "MoE-GQA"] == "20,000,000"
-    assert gpu.loc["Test loss", "Variation (%)"] == "-2.5%" and gpu.loc["Peak VRAM (MB)", "Variation (%)"] == "-10.0%"
+    assert gpu.loc["Test loss", col] == "-2.5%" and gpu.loc["Peak VRAM (MB)", col] == "-10.0%"
     cpu = report.pretty(t2, "process_peak_rss_mb")
     assert "Peak RAM, process RSS (MB)" in cpu.index and "Peak VRAM (MB)" not in cpu.index
 
 
 def test_every_branch_of_the_discussion():
     agree = report.discussion(metrics_pair())
-    assert "MoE-GQA reaches the lower test loss" in agree and "This agrees with the study" in agree
-    assert "0.75x GPT-2's throughput" in agree and "GPU memory" in agree
+    assert "GPT-2 baseline → MoE-GQA: test loss 4.0000 → 3.9000, -2.50%" in agree
+    assert "agrees with the study's" in agree
+    assert "MoE-GQA 0.75x (1,500 vs 2,000 tokens/s)" in agree and "GPU memory" in agree
     assert "Caution" not in agree and "Scope" not in agree
     opposite = report.discussion(metrics_pair(moe_gqa__test_loss=4.2, moe_gqa__test_perplexity=math.exp(4.2)))
-    assert "GPT-2 reaches the lower test loss" in opposite and "The study found the opposite" in opposite
+    assert "+5.00%" in opposite and "is the opposite of the study's" in opposite
     unequal = report.discussion(metrics_pair(moe_gqa__tokens_seen=200_000, moe_gqa__steps=200))
-    assert "saw different amounts of data (300,000 vs 200,000 tokens)" in unequal
+    assert "saw different amounts of data (GPT-2 baseline 300,000 tokens, MoE-GQA 200,000 tokens)" in unequal
     cpu = report.discussion(metrics_pair(gpt2__preset="small", gpt2__device="cpu", gpt2__device_name="CPU (x86_64)",
                                          gpt2__peak_memory_kind="process_peak_rss_mb"))
     assert "`small` preset on CPU (x86_64)" in cpu and "process peak RSS" in cpu
     warned = report.discussion(metrics_pair(gpt2__warnings=["only 30 training steps"]))
     assert "Caution (GPT-2 baseline):** only 30 training steps." in warned
+    timed = {"gpt2": [[1.0, 1.0], [1.2, 1.2]], "moe_gqa": [[2.0, 2.0], [2.0, 2.0]]}
+    speed = report.speed_comparison(timed, 1000)
+    assert speed["ratios"]["moe_gqa"] == (pytest.approx(0.55), pytest.approx(0.5), pytest.approx(0.6))
+    slow = report.discussion(metrics_pair(), speed)           # training said 0.75x, side by side 0.55x
+    assert "side by side 0.55x (0.50 to 0.60 over rounds): the training runs disagree" in slow
 
 
 # --- 7. W&B never blocks or fails a run ------------------------------------------------------------------
@@ -345,11 +393,11 @@ def test_a_book_that_exhausts_its_retries_or_is_not_utf8_does_not_stop_the_downl
 # --- 9. presets and the config object ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_builds_both_models_and_round_trips(preset):
+def test_every_preset_builds_every_arm_and_round_trips(preset):
     c = make_config(preset, device="cpu")
     assert Config(**c.to_dict()) == c and Config(**c.to_dict()).preset == preset
     with torch.device("meta"):                    # shapes only: the paper preset without its 0.4 GB
-        for name in ("gpt2", "moe_gqa"):
+        for name in ARM_NAMES:
             model = build_model(name, c)
             assert model.cfg.emb_dim == c.emb_dim and len(model.blocks) == c.n_layers
 

@@ -66,11 +66,20 @@ def test_paired_difference_edge_cases():
 def test_grids_name_every_point_and_keep_active_work_constant():
     cfg = make_config("small", device="cpu")
     pts = sweep.grid_points(cfg, "seeds", [1, 2])
-    assert [p.name for p in pts] == ["gpt2-seed1", "moe_gqa-e4k2-w512-seed1", "gpt2-seed2", "moe_gqa-e4k2-w512-seed2"]
+    assert [p.name for p in pts] == ["gpt2-seed1", "dense_gqa-seed1", "moe_gqa-e4k2-w512-seed1",
+                                     "gpt2-seed2", "dense_gqa-seed2", "moe_gqa-e4k2-w512-seed2"]
+    assert [p.design for p in pts[:3]] == ["GPT-2", "Dense-GQA", "MoE-GQA 4x2 (512)"]
+    two = sweep.grid_points(cfg, "seeds", [1], arms="moe_gqa,gpt2")
+    assert [p.model for p in two] == ["gpt2", "moe_gqa"]                     # the registry's order
+    iso = sweep.grid_points(cfg, "seeds", [1], dense_iso_total=True)
+    assert [p.name for p in iso] == ["gpt2-seed1", "dense_gqa-seed1", "dense_gqa-w2048-seed1", "moe_gqa-e4k2-w512-seed1"]
+    assert iso[2].overrides() == {"dense_ff_width": 2048} and iso[2].design == "Dense-GQA (width 2048)"
+    with pytest.raises(ConfigError, match="unknown arm 'mamba'; the arms are gpt2, dense_gqa, moe_gqa"):
+        sweep.grid_points(cfg, "seeds", [1], arms="gpt2,mamba")
     moe = sweep.grid_points(cfg, "moe", [7], experts=(2, 4, 8), per_token=(1, 2), keep_active=True)
-    assert len(moe) == 1 + 6 and moe[0].model == "gpt2"
-    assert {(p.num_experts_per_token, p.moe_intermediate_size) for p in moe[1:]} == {(1, 1024), (2, 512)}
-    assert sweep.grid_points(cfg, "moe", [7], (2, 4), (1,))[1].moe_intermediate_size == 512
+    assert len(moe) == 2 + 6 and [p.model for p in moe[:2]] == ["gpt2", "dense_gqa"]
+    assert {(p.num_experts_per_token, p.moe_intermediate_size) for p in moe[2:]} == {(1, 1024), (2, 512)}
+    assert sweep.grid_points(cfg, "moe", [7], (2, 4), (1,))[2].moe_intermediate_size == 512
     with pytest.raises(ConfigError, match="2 experts x 4 per token"):
         sweep.grid_points(cfg, "moe", [7], (2,), (4,))
     with pytest.raises(ConfigError, match="not divisible by 3"):
@@ -98,21 +107,24 @@ def test_a_folder_keeps_one_budget(tmp_path):
 
 
 def test_the_estimate_counts_what_is_left_and_warns_past_the_limit(tmp_path):
-    cfg = make_config("smoke", device="cpu", max_steps=10)     # eval every 10 steps on 2 batches; 50 test batches
+    cfg = make_config("smoke", device="cpu", max_steps=10)     # eval every 10 steps on 2 batches; 128 test windows
     lines = []
     sw = sweep.plan(cfg, tmp_path, "seeds", seeds=2, log=lines.append)
-    sw.step_s = {"GPT-2": 1.0, "MoE-GQA 4x2 (128)": 2.0}         # as if measured
-    # per run: 10 steps + (2 evaluations x 2 splits x 2 batches + 50 test batches) / 3 = 29.33 step-times
-    assert sw.estimate(max_hours=1.0) == pytest.approx(2 * (1.0 + 2.0) * (10 + 58 / 3))
+    sw.step_s = {"GPT-2": 1.0, "Dense-GQA": 1.5, "MoE-GQA 4x2 (128)": 2.0}         # as if measured
+    # per run: 10 steps + (2 evaluations x 2 splits x 2 batches + 128 / 4 test batches) / 3 = 23.33 step-times
+    assert sw.estimate(max_hours=1.0) == pytest.approx(2 * (1.0 + 1.5 + 2.0) * (10 + 40 / 3))
     assert not any("warning" in l for l in lines)
     sw.estimate(max_hours=0.01)
     assert "exceed max_hours=0.01" in lines[-1]
 
 
 # --- the report ----------------------------------------------------------------------------------------
-def fake_runs(gpt2, moe):
+def fake_runs(gpt2, moe, dense=None):
     rows = []
-    for model, design, losses in (("gpt2", "GPT-2", gpt2), ("moe_gqa", "MoE-GQA 4x2 (512)", moe)):
+    arms = (("gpt2", "GPT-2", gpt2), ("moe_gqa", "MoE-GQA 4x2 (512)", moe))
+    if dense is not None:
+        arms += (("dense_gqa", "Dense-GQA", dense),)
+    for model, design, losses in arms:
         for seed, loss in zip((1, 2, 3), losses):
             rows.append(dict(run=f"{model}-{seed}", model=model, design=design, seed=seed, test_loss=loss,
                              test_perplexity=math.exp(loss), test_bits_per_byte=loss / 3, tokens_per_s=1000.0,
@@ -132,13 +144,28 @@ def test_the_conclusion_follows_the_interval():
     mean, half = mean_ci([5.0, 5.1, 5.2])
     assert table.loc["GPT-2", "Test loss"] == f"{mean:.4f} ± {half:.4f}"
     diffs = sweep_report.differences_table(sweep_report.differences(clear), clear)
-    assert diffs.loc["MoE-GQA 4x2 (512)", "Test loss − GPT-2"] == "-0.1167"
+    assert diffs.loc["MoE-GQA 4x2 (512) − GPT-2", "Difference"] == "-0.1167"
+
+
+def test_the_decomposition_pairs_each_step_by_seed():
+    runs = fake_runs([5.0, 5.1, 5.2], [4.9, 4.95, 5.1], dense=[4.95, 5.0, 5.1])
+    steps = {(a, b): (what, d) for a, b, what, d in sweep_report.decomposition(runs)}
+    arch, experts, both = (steps[k] for k in (("GPT-2", "Dense-GQA"), ("Dense-GQA", "MoE-GQA 4x2 (512)"),
+                                                ("GPT-2", "MoE-GQA 4x2 (512)")))
+    assert arch[0] == "the architecture" and arch[1].mean == pytest.approx(-0.25 / 3)
+    assert experts[0] == "the experts" and experts[1].mean == pytest.approx(-0.1 / 3)
+    assert both[1].mean == pytest.approx(arch[1].mean + experts[1].mean)      # the two steps add up
+    table = sweep_report.decomposition_table(sweep_report.decomposition(runs), runs)
+    assert table.loc["MoE-GQA 4x2 (512) − Dense-GQA", "What changes"] == "the experts"
+    text = sweep_report.conclusion(runs, 300, 307_200)
+    assert "The step from Dense-GQA to MoE-GQA 4x2 (512) changes the experts only" in text
+    assert "3 seeds per design" in text
 
 
 # --- a whole sweep -------------------------------------------------------------------------------------
 def sweep_cmd(corpus, out):
     return [sys.executable, "-m", "llm_nb_utils.sweep", "--preset", "smoke", "--grid", "moe", "--experts", "2", "4",
-            "--per-token", "1", "--seeds", "2", "--max-steps", "10", "--corpus-dir", str(corpus),
+            "--per-token", "1", "--seeds", "2", "--max-steps", "10", "--arms", "gpt2", "moe_gqa", "--corpus-dir", str(corpus),
             "--out", str(out), "--set", "device=cpu"]
 
 
@@ -167,10 +194,10 @@ def test_a_smoke_sweep_interrupted_and_continued_through_papermill(tiny_corpus, 
     assert "2/6 moe_gqa-e2k1-w128-seed123: done earlier, skipped" in again.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in finished_at.items())      # not trained again
     assert len(list(out.glob("runs/gpt2-*/metrics/gpt2.json")) + list(out.glob("runs/moe*/metrics/moe_gqa.json"))) == 6
-    assert len(list(out.glob("runs/*/notebooks/0[23]_*.ipynb"))) == 6             # a notebook per run
+    assert len(list(out.glob("runs/*/notebooks/0[24]_*.ipynb"))) == 6             # a notebook per run
 
-    html = (out / "reports" / "05_sweep.html").read_text()
-    assert "Conclusion" in html and "seed(s) per design" in html and "Paired t" in html
+    html = (out / "reports" / "06_sweep.html").read_text()
+    assert "Conclusion" in html and "seeds per design" in html and "Paired t" in html
     for stray in ("PosixPath(", "<Figure size", "IPython.core.display", "object at 0x", ">NaN<", ">nan<",
                   "No description has been provided for this image", str(out)):
         assert stray not in html, stray

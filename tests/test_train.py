@@ -12,7 +12,7 @@ from llm_nb_utils import checkpoint as ckpt
 from llm_nb_utils import device as dev
 from llm_nb_utils import train as engine
 from llm_nb_utils.config import make_config
-from llm_nb_utils.models import build_model
+from llm_nb_utils.arms import build_model
 
 quiet = dict(progress=False, log=lambda *_: None)
 
@@ -189,7 +189,7 @@ def test_float16_with_grad_scaler_trains_like_float32(run, tmp_path, name):
     """The P100 / T4 path (fp16 autocast + GradScaler + fused AdamW), run for real on the CPU:
     it follows the fp32 run (measured: every loss within 2e-5 for GPT-2, 1.9e-4 for MoE-GQA) and
     its scaler state goes into the checkpoints."""
-    c = cfg(max_steps=8, eval_freq=4, checkpoint_every=100, test_batches=10)
+    c = cfg(max_steps=12, eval_freq=4, checkpoint_every=100, test_windows=10)
     ref = engine.train_model(name, c, run, **quiet)
     other = tmp_path / "fp16"
     shutil.copytree(run / "data", other / "data")
