@@ -164,10 +164,7 @@ def hf_aux_loss_coef(cfg: Config) -> float:
 
 def _moe_to_hf(model: MoEGQAModel):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-    cfg = model.cfg
-    if not cfg.qk_norm:
-        raise ExportError("Qwen3MoeForCausalLM always applies QK-norm; a model trained with qk_norm=False "
-                          "cannot be expressed by it, so it is not exported.")
+    cfg = _qwen3_exportable(model, "Qwen3MoeForCausalLM")
     hf_cfg = Qwen3MoeConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_groups, head_dim=cfg.head_dim,
@@ -199,6 +196,14 @@ def _moe_to_hf(model: MoEGQAModel):
     return hf
 
 
+def _qwen3_exportable(model, target: str) -> Config:
+    """The model's config, or a refusal where the Qwen3 classes cannot express it."""
+    if not model.cfg.qk_norm:
+        raise ExportError(f"{target} always applies QK-norm; a model trained with qk_norm=False "
+                          "cannot be expressed by it, so it is not exported.")
+    return model.cfg
+
+
 def _qwen3_shared_weights(sd: dict, cfg: Config) -> dict:
     """Embeddings, final norm, head, and each layer's norms and attention (QK-norm included): what
     MoE-GQA and Dense-GQA share, under transformers' Qwen3 names."""
@@ -221,10 +226,7 @@ def _qwen3_shared_weights(sd: dict, cfg: Config) -> dict:
 
 def _dense_to_hf(model: DenseGQAModel):
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    cfg = model.cfg
-    if not cfg.qk_norm:
-        raise ExportError("Qwen3ForCausalLM always applies QK-norm; a model trained with qk_norm=False "
-                          "cannot be expressed by it, so it is not exported.")
+    cfg = _qwen3_exportable(model, "Qwen3ForCausalLM")
     hf_cfg = Qwen3Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, intermediate_size=cfg.dense_width,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_groups,
