@@ -466,9 +466,9 @@ def speed_line(metrics: dict[str, dict], speed: dict | None) -> str:
         parts.append(part)
     a, b = STUDY_ARMS
     study = STUDY_TABLE2[b]["tokens_per_s"] / STUDY_TABLE2[a]["tokens_per_s"]
-    where = (f" side by side, {speed['rounds']} alternating rounds of {speed['steps_per_round']} steps each"
+    where = (f", and side by side ({speed['rounds']} alternating rounds of {speed['steps_per_round']} steps each)"
              if speed else "")
-    return (f"- **Speed.** Throughput relative to {label(ref)} in training{where}: " + "; ".join(parts)
+    return (f"- **Speed.** Throughput relative to {label(ref)}, in training{where}: " + "; ".join(parts)
             + f". The study: {label(b)} {study:.2f}x {label(a)} on a P100.")
 
 
