@@ -201,7 +201,7 @@ def split_composition(meta: dict) -> pd.DataFrame:
             rows.append({"Split": split_label, "Collection": name, "Documents (or parts)": f"{c['documents']:,}",
                          "Words": f"{c['words']:,}", "Share of the split": f"{c['words'] / max(counts['words'], 1):.1%}",
                          "Authors": f"{c['authors']:,}" if c.get("authors") else "not recorded"})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).set_index(["Split", "Collection"]) if rows else pd.DataFrame(rows)
 
 
 def collection_shares(meta: dict) -> dict[str, dict[str, float]]:
