@@ -126,11 +126,18 @@ def main(argv=None) -> int:
                     wandb_mode=args.wandb_mode)
 
     start = time.time()
+    finished = False
     try:
         run()
+        finished = True
     finally:
         from torch import distributed as dist
         if dist.is_initialized():
+            # Rank 0 still writes metrics and samples when the others are done; a rank that tore the
+            # gloo group down meanwhile was aborted now and then ("terminate called without an active
+            # exception"). So the ranks that finished wait for each other first; a failed one does not.
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{args.model}: {int(os.environ.get('WORLD_SIZE', '1'))} processes done in {time.time() - start:.1f} s")
