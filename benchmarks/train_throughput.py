@@ -73,7 +73,7 @@ def time_steps(name: str, cfg, prec, batch_size: int, steps: int, warmup: int) -
     if ARMS[name].has_experts:   # which expert dispatch ran: one grouped product, or a loop over experts
         moe = model.blocks[0].moe    # asked as the forward asks: its weights' device, the multiply dtype
         with prec.autocast():
-            grouped = moe.uses_grouped_mm(moe.w_up.device, moe.compute_dtype(moe.w_up))
+            grouped = moe.experts.uses_grouped_mm(moe.experts.w_up.device, moe.experts.compute_dtype(moe.experts.w_up))
         summary = {**summary, "moe_dispatch": "grouped" if grouped else "loop"}
     del model
     if prec.device.type == "cuda":

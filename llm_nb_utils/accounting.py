@@ -15,8 +15,8 @@ import math
 
 import torch.nn as nn
 
-from .layers import SwiGLUFeedForward
 from .moe import MoEFeedForward
+from .qwen3 import SwiGLUFeedForward
 
 
 def _unique_params(model: nn.Module):
@@ -29,8 +29,7 @@ def count_params(model: nn.Module) -> dict:
     inactive = 0
     for m in model.modules():
         if isinstance(m, MoEFeedForward):
-            per_expert = (m.w_gate.numel() + m.w_up.numel() + m.w_down.numel()) // m.num_experts
-            inactive += (m.num_experts - m.top_k) * per_expert
+            inactive += (m.num_experts - m.top_k) * m.experts.params_per_expert()
     return {"total_params": total, "active_params": total - inactive}
 
 
@@ -41,9 +40,8 @@ def matmul_params_per_token(model: nn.Module) -> int:
             n += m.weight.numel()
         elif isinstance(m, SwiGLUFeedForward):        # weights stored as parameters, not Linear layers
             n += m.w_gate.numel() + m.w_up.numel() + m.w_down.numel()
-        elif isinstance(m, MoEFeedForward):
-            per_expert = (m.w_gate.numel() + m.w_up.numel() + m.w_down.numel()) // m.num_experts
-            n += m.top_k * per_expert
+        elif isinstance(m, MoEFeedForward):     # the router scores every expert; k experts run
+            n += m.router.weight.numel() + m.top_k * m.experts.params_per_expert()
     return n
 
 

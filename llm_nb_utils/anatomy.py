@@ -69,7 +69,7 @@ def route(model, ids: list[int], layer: int = 0) -> pd.DataFrame:
     finally:
         hook.remove()
         model.train(was_training)
-    _, experts, weights = moe.route(seen["x"].reshape(-1, seen["x"].shape[-1]))
+    _, experts, weights = moe.router(seen["x"].reshape(-1, seen["x"].shape[-1]))
     rows = []
     for i, tok in enumerate(ids):
         row = {"token": repr(decode([tok]))[1:-1].replace(" ", "␣")}    # a leading space is part of the token

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config, ConfigError
-from .models import DenseGQAModel, GPT2Model, MoEGQAModel
+from .gpt2 import GPT2Model
+from .qwen3 import DenseGQAModel, MoEGQAModel
 
 
 @dataclass(frozen=True)

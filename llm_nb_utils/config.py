@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
@@ -105,10 +106,26 @@ class Config:
                   "hidden_dim", "n_kv_groups", "qk_norm", "num_experts", "num_experts_per_token",
                   "moe_intermediate_size", "dense_ff_width", "bias", "tie_embeddings")
 
+    # --- the one serialised form: a dict of every setting (JSON in files, on command lines) ---
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["split_ratios"] = list(self.split_ratios)
         return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Config":
+        """Back from `to_dict()`: a checkpoint's, a metrics file's or a command line's settings."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(_unknown_keys_message(unknown))
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
 
     @property
     def dense_width(self) -> int:
@@ -153,6 +170,37 @@ def make_config(preset: str = "paper", overrides: Mapping[str, Any] | None = Non
         raise ConfigError(_unknown_keys_message(unknown))
     values = {k: _coerce(k, v) for k, v in values.items()}
     return Config(preset=preset, **values)
+
+
+def resolve_preset(preset: str) -> tuple[str, str]:
+    """`auto` becomes `paper` where a CUDA GPU is usable, else `small`; (preset, why it was chosen)."""
+    if preset != "auto":
+        return preset, "asked for"
+    from .device import default_preset      # torch's CUDA probe, only when asked
+    chosen, why = default_preset()
+    return chosen, f"auto: {why}"
+
+
+def config_arguments(parser, default_preset: str = "auto", seed_help: str = "the preset's seed (123) unless given",
+                     steps_help: str = "cap on training steps (0: the preset's value)") -> None:
+    """The flags every command line takes for its settings; read them back with `config_from_arguments`."""
+    parser.add_argument("--preset", default=default_preset, choices=["auto", *sorted(PRESETS)],
+                        help="auto: paper where a CUDA GPU is usable, else small; paper: the study's "
+                             "configuration (GPU); small: a CPU run of about a quarter of an hour; smoke: tests")
+    parser.add_argument("--seed", type=int, default=None, help=seed_help)
+    parser.add_argument("--max-steps", type=int, default=0, help=steps_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any setting, e.g. --set batch_size=16 --set dtype=float16 (repeatable)")
+
+
+def config_from_arguments(args) -> tuple[str, str, dict[str, Any], "Config"]:
+    """(preset, why it was chosen, the --set settings, the validated Config) from `config_arguments`'
+    flags, and --split-method where a command has it. Only the flags given count: a flag's default
+    never wins over the same setting in --set."""
+    preset, why = resolve_preset(args.preset)
+    overrides = parse_overrides(args.set)
+    flags = {"seed": args.seed, "max_steps": args.max_steps or None, "split_method": getattr(args, "split_method", None)}
+    return preset, why, overrides, make_config(preset, {**overrides, **{k: v for k, v in flags.items() if v is not None}})
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -5,11 +5,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import SuiteError
 from .memory import peak_rss_mb, reset_peak_rss
 
 
-class DeviceError(RuntimeError):
-    pass
+class DeviceError(SuiteError, RuntimeError):
+    """No usable device for what was asked."""
 
 
 @dataclass

@@ -7,8 +7,9 @@ and since every slice has the same number of tokens, the average of the ranks' m
 global mean loss. The result is the one-process run up to the order of floating-point sums.
 
 Everything distributed goes through a `Dist`: the trainer asks it to slice a batch, to sum a number
-over ranks, or whether it is the main rank (the one that writes checkpoints, metrics, W&B and
-samples). A one-process run gets a `Dist` whose operations do nothing.
+over ranks, or whether it is the main rank (the one that writes checkpoints, metrics and W&B). A
+one-process run gets a `Dist` whose operations do nothing. `init_process` sets the process up and
+returns its `Dist`, which also names the device this rank computes on.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .device import DeviceError
+from .device import DeviceError, resolve_device
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     backend: str = ""
+    device: torch.device = torch.device("cpu")
 
     @property
     def enabled(self) -> bool:
@@ -87,24 +89,23 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env(device_type: str, log=print) -> Dist:
-    """The process group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK, ...);
-    a one-process Dist without it. NCCL on GPUs where this torch has it, gloo otherwise."""
+def init_process(device_setting: str, log=print) -> Dist:
+    """This process's place in the run and its device: the process group torchrun describes in the
+    environment (WORLD_SIZE, RANK, LOCAL_RANK, ...), joined; a one-process Dist without one. NCCL on
+    GPUs where this torch has it, gloo otherwise; under DDP each rank takes the GPU of its local rank."""
+    device = resolve_device(device_setting)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Dist()
+        return Dist(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = "gloo"
-    if device_type == "cuda":
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
         if dist.is_nccl_available():
             backend = "nccl"
         elif rank == 0:
@@ -114,7 +115,7 @@ def init_from_env(device_type: str, log=print) -> Dist:
         # A rank that dies leaves the others waiting in a collective: torchrun stops them, and the
         # timeout is the backstop for launches without it.
         dist.init_process_group(backend, timeout=timedelta(minutes=10))
-    return Dist(rank, world, local_rank, backend)
+    return Dist(rank, world, local_rank, backend, device)
 
 
 def check_gpus(n: int) -> None:

@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+from .config import ConfigError
+
 REPO = Path(__file__).resolve().parent.parent
 # A clone has notebooks/ beside the package; a pip-installed package carries them inside itself.
 IS_CHECKOUT = (REPO / "notebooks").is_dir()
@@ -43,7 +45,7 @@ def resolve_corpus(source: str = "auto", corpus_dir: str | Path = "") -> tuple[s
     machine) it downloads Portuguese books from Project Gutenberg.
     """
     if source not in ("auto", "local", "gutenberg"):
-        raise ValueError(f"corpus_source must be auto, local or gutenberg (got {source!r})")
+        raise ConfigError(f"corpus_source must be auto, local or gutenberg (got {source!r})")
     if source == "gutenberg":
         return "gutenberg", None, "corpus_source='gutenberg'"
     if corpus_dir:

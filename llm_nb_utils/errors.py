@@ -22,3 +22,7 @@ class SuiteError(OneLine, Exception):
 class TrainingInterrupted(OneLine, KeyboardInterrupt):
     """Ctrl-C or the stop button, after the training state was saved; still a KeyboardInterrupt, so
     that nothing catching Exception swallows it."""
+
+
+class MissingRunFile(SuiteError, FileNotFoundError):
+    """A file a step needs that an earlier step writes (prepared data, metrics, a checkpoint)."""

@@ -138,10 +138,10 @@ def window_losses(model, dataset, sample: EvalSample, batch_size: int, prec, dis
         if not y.numel():          # the last, partial batch may leave a rank nothing
             continue
         with prec.autocast():
-            per_token = model(x.to(prec.device), y.to(prec.device), per_token=True).loss
-        out[mine.to(prec.device)] = per_token.double().mean(dim=1)
-        if expert_counts is not None and hasattr(model, "expert_counts"):
-            expert_counts.append(model.expert_counts())
+            result = model(x.to(prec.device), y.to(prec.device), per_token=True)
+        out[mine.to(prec.device)] = result.loss.double().mean(dim=1)
+        if expert_counts is not None and result.routing:    # (layers, experts) assignments
+            expert_counts.append(torch.stack([r.counts.cpu() for r in result.routing]))
     model.train(was_training)
     if dist is not None and dist.enabled:
         dist.sum_(out)

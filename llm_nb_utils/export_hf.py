@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint
 from .config import Config
 from .errors import SuiteError
 from .files import storage_error
-from .arms import ARM_NAMES, build_model
-from .models import DenseGQAModel, GPT2Model, MoEGQAModel
+from .arms import ARM_NAMES
+from .gpt2 import GPT2Model
+from .qwen3 import DenseGQAModel, MoEGQAModel
+from .runfolder import RunFolder, load_model_checkpoint
 from .tokenizer import EOT_ID, get_tokenizer
 
 
@@ -183,7 +184,7 @@ def _moe_to_hf(model: MoEGQAModel):
     for i in range(cfg.n_layers):
         o, t = f"blocks.{i}", f"model.layers.{i}"
         new[f"{t}.mlp.gate.weight"] = sd[f"{o}.moe.router.weight"]
-        gate, up, down = (sd[f"{o}.moe.{w}"].transpose(1, 2) for w in ("w_gate", "w_up", "w_down"))
+        gate, up, down = (sd[f"{o}.moe.experts.{w}"].transpose(1, 2) for w in ("w_gate", "w_up", "w_down"))
         if f"{t}.mlp.experts.gate_up_proj" in keys:          # transformers >= 5: experts fused in 3-D tensors
             new[f"{t}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1).contiguous()
             new[f"{t}.mlp.experts.down_proj"] = down.contiguous()
@@ -279,21 +280,13 @@ def to_hf(model) -> "torch.nn.Module":
     raise ExportError(f"cannot export {type(model).__name__}")
 
 
-def load_from_checkpoint(path: str | Path):
-    ck = load_checkpoint(path)
-    cfg = Config(**ck["config"])
-    model = build_model(ck["model_name"], cfg)
-    model.load_state_dict(ck["model"])
-    return model.eval()
-
-
 def export_hf(model_or_checkpoint, out_dir: str | Path) -> Path:
     """Write a `save_pretrained` directory (config, safetensors, generation config, tokenizer)."""
     _require_transformers()
     from transformers import GenerationConfig
     model = model_or_checkpoint
     if isinstance(model, (str, Path)):
-        model = load_from_checkpoint(model)
+        model = load_model_checkpoint(model)
     hf = to_hf(model)
     out = Path(out_dir)
     # Written whole into a folder of its own, then swapped in: a kill or a full disk never leaves a
@@ -320,10 +313,11 @@ def export_hf(model_or_checkpoint, out_dir: str | Path) -> Path:
 
 def export_run(run_dir: str | Path, name: str, out_dir: str | Path | None = None) -> Path:
     """Export the latest checkpoint of `name` in a run directory (default: <run_dir>/hf/<name>)."""
-    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints" / name)
+    folder = RunFolder(run_dir)
+    ckpt = folder.latest_checkpoint(name)
     if ckpt is None:
-        raise ExportError(f"no checkpoint of {name} under {run_dir}/checkpoints: train it first")
-    return export_hf(ckpt, out_dir or Path(run_dir) / "hf" / name)
+        raise ExportError(f"no checkpoint of {name} under {folder.checkpoints(name)}: train it first")
+    return export_hf(ckpt, out_dir or folder.export_dir(name))
 
 
 def hf_generate(path: str | Path, prompt: str = "lisboa", max_new_tokens: int = 30) -> tuple[str, str]:

@@ -1,11 +1,19 @@
-"""Layers shared by the two models: norms, rotary embeddings, feed-forwards, causal attention core."""
+"""The pieces every architecture shares: RMSNorm, rotary embeddings, SwiGLU, the causal attention
+core, the KV cache, and the language-model head with its fused loss (`LanguageModel`).
+
+Each architecture reads top to bottom in a file of its own over these: `gpt2.py` (GPT-2) and
+`qwen3.py` (Dense-GQA and MoE-GQA, with the experts of `moe.py`).
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -39,40 +47,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: in
     return x * cos + rotated * sin
 
 
-class FeedForward(nn.Module):
-    """GPT-2's MLP: emb -> hidden, GELU (tanh approximation, as in GPT-2), hidden -> emb."""
-
-    def __init__(self, emb_dim: int, hidden_dim: int, bias: bool):
-        super().__init__()
-        self.fc = nn.Linear(emb_dim, hidden_dim, bias=bias)
-        self.proj = nn.Linear(hidden_dim, emb_dim, bias=bias)
-
-    def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
-
-
 def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
            matmul=torch.matmul) -> torch.Tensor:
     """SwiGLU, with weights stored (in, out): down(silu(x @ gate) * (x @ up)). One definition for
     the dense feed-forward and every expert of the MoE, so the two arms differ in routing only."""
     return matmul(F.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
-
-
-class SwiGLUFeedForward(nn.Module):
-    """Qwen3's dense feed-forward: a gated SiLU unit of width `hidden_dim` (three matrices, no bias)."""
-
-    def __init__(self, emb_dim: int, hidden_dim: int):
-        super().__init__()
-        self.w_gate = nn.Parameter(torch.empty(emb_dim, hidden_dim))
-        self.w_up = nn.Parameter(torch.empty(emb_dim, hidden_dim))
-        self.w_down = nn.Parameter(torch.empty(hidden_dim, emb_dim))
-
-    def extra_repr(self) -> str:
-        d, h = self.w_gate.shape
-        return f"SwiGLU({d} -> {h} -> {d})"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.w_gate, self.w_up, self.w_down)
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -130,14 +109,68 @@ class KVCache:
         return k, v
 
 
-def init_weights(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
-    """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers)."""
-    for name, p in module.named_parameters():
-        if p.dim() < 2:
-            continue   # norms keep ones, biases zeros
-        residual = name.endswith(("out_proj.weight", "ff.proj.weight", "w_down"))
-        scale = 1 / math.sqrt(2 * n_layers) if residual else 1.0
-        nn.init.normal_(p, mean=0.0, std=std * scale)
-    for m in module.modules():
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+@dataclass
+class LMOutput:
+    """A forward pass: logits (None when targets were given: the loss is fused with the head), the
+    mean next-token loss (each token's loss, shaped like the targets, with `per_token=True`), and
+    the routing statistics of each MoE layer (empty for dense models), from which the training step
+    computes the load-balancing loss (`moe.balancing_loss`)."""
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    routing: list = field(default_factory=list)
+
+
+class LanguageModel(nn.Module):
+    """What every architecture shares after its blocks (`body`, each architecture's own): the final
+    norm's output goes through the LM head (tied to the token embedding or not) into logits or, given
+    targets, straight into the loss."""
+
+    def body(self, idx: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, list]:
+        raise NotImplementedError
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                per_token: bool = False) -> LMOutput:
+        x, routing = self.body(idx, cache)
+        return self._output(x, targets, per_token, routing)
+
+    def logits_at(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at chosen positions only: (batch, len(positions[0])) rows of the vocabulary,
+        for `positions` of shape (batch, k), instead of the whole sequence's (evaluation only)."""
+        x, _ = self.body(idx)
+        rows = torch.arange(idx.shape[0], device=idx.device)[:, None]
+        return self.out_head(self.final_norm(x[rows, positions]))
+
+    def _build_head(self, cfg) -> None:
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+
+    def _init_head(self, cfg, std: float) -> None:
+        """Called last by the model's `init_weights`; a tied head is the embedding, already drawn."""
+        if cfg.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+        else:
+            nn.init.normal_(self.out_head.weight, std=std)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layers)
+
+    def _check_length(self, idx: torch.Tensor, cache: KVCache | None) -> None:
+        total = idx.shape[1] + (cache.length() if cache is not None else 0)
+        if total > self.cfg.context_length:
+            raise ValueError(f"sequence of {total} tokens exceeds context_length={self.cfg.context_length}")
+
+    def _output(self, h: torch.Tensor, targets: torch.Tensor | None, per_token: bool = False,
+                routing: list | None = None) -> LMOutput:
+        h = self.final_norm(h)
+        routing = routing or []
+        if targets is None:
+            return LMOutput(self.out_head(h), None, routing)
+        # The head and an fp32 loss fused chunk by chunk; the full logits never exist.
+        loss = linear_cross_entropy(h.flatten(0, 1), self.out_head.weight, targets.flatten(),
+                                    reduction="none" if per_token else "mean")
+        return LMOutput(None, loss.view(targets.shape) if per_token else loss, routing)
+
+
+def residual_std(std: float, n_layers: int) -> float:
+    """GPT-2's initialisation scales the projections that write into the residual stream by
+    1/sqrt(2 n_layers) (two per block), so that the stream's variance does not grow with depth."""
+    return std * (1 / math.sqrt(2 * n_layers))

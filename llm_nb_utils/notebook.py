@@ -5,9 +5,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, changed_settings, make_config, parse_overrides_value
+from .config import Config, changed_settings, make_config, parse_overrides_value, resolve_preset
 from .env import REPO, default_run_dir, platform
 from .files import check_writable
+from .runfolder import RunFolder
 
 
 @dataclass
@@ -16,21 +17,16 @@ class NotebookRun:
     run_dir: Path
 
     @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
+    @property
     def data_dir(self) -> Path:
-        return self.run_dir / "data"
+        return self.folder.data
 
     @property
     def figures_dir(self) -> Path:
-        return self.run_dir / "figures"
-
-
-def resolve_preset(preset: str) -> tuple[str, str]:
-    """`auto` becomes `paper` where a CUDA GPU is usable, else `small`; (preset, why it was chosen)."""
-    if preset != "auto":
-        return preset, "asked for"
-    from .device import default_preset
-    chosen, why = default_preset()
-    return chosen, f"auto: {why}"
+        return self.folder.figures
 
 
 def _shown_run_dir(path: Path) -> str:

@@ -20,21 +20,22 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, make_config, parse_overrides, PRESETS
+from .config import ConfigError, config_arguments, config_from_arguments
 from .device import DeviceError, resolve_device
 from .distributed import Dist, resolve_gpus
 from .env import NOTEBOOK_DIR, default_run_dir
 from .files import StorageError, check_writable, write_atomic
-from .lock import RunLocked, folder_lock
-from .notebook import resolve_preset
+from .lock import RunLocked
+from .errors import SuiteError
+from .runfolder import RunFolder
 from .arms import ARM_NAMES, ARMS, parse_arms
 
 NOTEBOOKS = ("01_data_prep", *(a.notebook for a in ARMS.values()), "05_compare_and_report")
 EXIT_INTERRUPTED = 130    # what a shell reports for a program stopped by Ctrl-C
 
 
-class PipelineError(RuntimeError):
-    pass
+class PipelineError(SuiteError, RuntimeError):
+    """A notebook of the pipeline failed or stopped; the message names it and where its output is."""
 
 
 class PipelineInterrupted(PipelineError):
@@ -151,14 +152,14 @@ def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    out = Path(out).resolve()
-    params = {**params, "run_dir": str(out)}
+    folder = RunFolder(Path(out).resolve())
+    params = {**params, "run_dir": str(folder.path)}
     reports = []
-    with folder_lock(out, "a pipeline run", "pipeline"), Interrupts() as interrupts:
+    with folder.lock("a pipeline run", "pipeline"), Interrupts() as interrupts:
         for name in notebooks:
             src = NOTEBOOK_DIR / f"{name}.ipynb"
-            executed = out / "notebooks" / f"{name}.ipynb"
-            kernel_log = out / "logs" / f"{name}.kernel.log"
+            executed = folder.notebooks / f"{name}.ipynb"
+            kernel_log = folder.logs / f"{name}.kernel.log"
             for d in (executed.parent, kernel_log.parent):
                 d.mkdir(parents=True, exist_ok=True)
             log(f"[pipeline] {name}: running")
@@ -173,7 +174,7 @@ def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True
             except PapermillExecutionError as e:
                 os.replace(partial, executed)
                 if html:
-                    render_html(executed, out / "reports" / f"{name}.html")
+                    render_html(executed, folder.reports / f"{name}.html")
                 if interrupts.hit or e.ename in ("KeyboardInterrupt", "TrainingInterrupted", "PipelineInterrupted"):
                     raise PipelineInterrupted(f"{name} was interrupted" + (f": {e.evalue}" if e.evalue else "")) from None
                 raise PipelineError(
@@ -190,7 +191,7 @@ def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True
             os.replace(partial, executed)
             log(f"[pipeline] {name}: done in {time.perf_counter() - t0:.1f} s")
             if html:
-                reports.append(render_html(executed, out / "reports" / f"{name}.html"))
+                reports.append(render_html(executed, folder.reports / f"{name}.html"))
             if interrupts.hit:
                 raise PipelineInterrupted(f"stopped after {name}, which had finished")
     return reports
@@ -226,7 +227,7 @@ def estimate_arms(cfg, arms) -> str:
     """What each arm's training will cost here: a few steps timed on random tokens, times max_steps
     (evaluation and the notebooks' start come on top)."""
     from .progress import format_duration
-    from .sweep import seconds_per_step
+    from .steptime import seconds_per_step
     costs = [f"{n} ~{format_duration(seconds_per_step(n, cfg) * cfg.max_steps)}" for n in arms]
     return (f"[pipeline] training {cfg.max_steps:,} steps per arm, estimated from 3 timed steps each: "
             + ", ".join(costs) + " (evaluation and notebook start-up come on top)")
@@ -236,9 +237,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m llm_nb_utils.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="auto", choices=["auto", *sorted(PRESETS)],
-                   help="auto (default): paper where a CUDA GPU is usable, else small; paper: the study's "
-                        "configuration (GPU); small: a CPU run of about a quarter of an hour; smoke: tests")
+    config_arguments(p)
     p.add_argument("--out", default="", help="run directory (default: outputs/run-<preset>)")
     p.add_argument("--source", default="auto", choices=["auto", "local", "gutenberg"],
                    help="corpus source (auto: a local corpus if one is found, else a Gutenberg download)")
@@ -247,10 +246,6 @@ def main(argv=None) -> int:
     p.add_argument("--gutenberg-mb", type=float, default=50.0, help="MB of text to download from Gutenberg")
     p.add_argument("--split-method", default=None, choices=["proportional", "documents"],
                    help="proportional (the preset's, as in the study) or documents")
-    p.add_argument("--seed", type=int, default=None, help="the preset's seed (123) unless given")
-    p.add_argument("--max-steps", type=int, default=0, help="cap on training steps (0: the preset's value)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set batch_size=16 --set dtype=float16 (repeatable)")
     p.add_argument("--gpus", default="auto", help="training processes: auto (every visible CUDA GPU, else 1) or a "
                    "number; above 1, torchrun with DDP (on a CPU, with --set device=cpu: gloo, for testing)")
     p.add_argument("--wandb-mode", default="offline", choices=["online", "offline", "disabled"])
@@ -269,15 +264,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    preset, why = resolve_preset(args.preset)
-    if args.preset == "auto":
-        print(f"[pipeline] preset: {preset} ({why}); choose another with --preset paper, small or smoke")
     try:
-        overrides = parse_overrides(args.set)
-        # Only the flags given: a default must not silently win over the same setting in --set.
-        flags = {k: v for k, v in (("seed", args.seed), ("split_method", args.split_method),
-                                   ("max_steps", args.max_steps or None)) if v is not None}
-        cfg = make_config(preset, {**overrides, **flags})   # fail before any work
+        preset, why, overrides, cfg = config_from_arguments(args)    # fail before any work
+        if args.preset == "auto":
+            print(f"[pipeline] preset: {preset} ({why}); choose another with --preset paper, small or smoke")
         arms = parse_arms(args.arms)
         if len(arms) < 2:
             raise ConfigError(f"--arms {' '.join(args.arms)}: the comparison needs at least two arms (of "

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ConfigError
 from .corpus import CorpusScan, collection_of, read_authors, read_document, scan_corpus
 from .files import (DamagedFileError, StorageError, check_writable, free_bytes, os_error_in, read_json, storage_error,
                     temp_path, write_json)
+from .errors import MissingRunFile
 from .lock import folder_lock
 from .memory import peak_rss_mb, reset_peak_rss
 from .tokenizer import EOT_ID, encode
@@ -102,7 +104,7 @@ def _prepare(corpus_dir, data_dir: Path, split_method, ratios, seed, allow_undec
     elif split_method == "documents":
         plan = _plan_documents(scan, ratios, seed)
     else:
-        raise ValueError(f"split_method must be 'proportional' or 'documents', not {split_method!r}")
+        raise ConfigError(f"split_method must be 'proportional' or 'documents', not {split_method!r}")
     needed = int(TOKEN_BYTES_PER_TEXT_BYTE * sum(d.bytes for d in scan.kept))
     if free_bytes(data_dir) < needed:
         raise StorageError(28, f"{data_dir} has {free_bytes(data_dir) / 1e6:,.0f} MB free and the token files "
@@ -200,6 +202,6 @@ def _add_to_collection(collections: dict, seen_authors: dict, split: str, path: 
 def load_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"no prepared data in {data_dir} (meta.json missing). Fix: run "
+        raise MissingRunFile(f"no prepared data in {data_dir} (meta.json missing). Fix: run "
                                 "notebook 01_data_prep (or prepare_data) with the same run directory first.")
     return read_json(path, "run notebook 01_data_prep again with this run directory: it prepares the data anew")

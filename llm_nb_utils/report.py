@@ -9,6 +9,7 @@ import pandas as pd
 
 from .arms import ARM_NAMES, ARMS, REFERENCE, STEPS, STUDY_ARMS, label
 from .files import write_atomic
+from .runfolder import MissingRunFile, RunFolder
 
 LABELS = {n: a.label for n, a in ARMS.items()}
 STUDY_ROWS = ["test_loss", "test_perplexity", "train_time_s", "peak_memory_mb", "tokens_per_s"]
@@ -128,7 +129,7 @@ def study_table2() -> pd.DataFrame:
 
 
 def save_table2(df: pd.DataFrame, run_dir: str | Path) -> Path:
-    return write_atomic(Path(run_dir) / "table2.csv", df.to_csv())
+    return write_atomic(RunFolder(run_dir).table_path("table2"), df.to_csv())
 
 
 def _format_value(v: float, row: str, half: float | None = None) -> str:
@@ -520,10 +521,10 @@ def cautions(metrics: dict[str, dict]) -> str:
 
 def load_all_metrics(run_dir: str | Path) -> dict[str, dict]:
     """The metrics of every arm trained in this run directory, in the registry's order."""
-    from .train import load_metrics
-    found = [n for n in ARM_NAMES if (Path(run_dir) / "metrics" / f"{n}.json").exists()]
+    folder = RunFolder(run_dir)
+    found = folder.trained_arms()
     if len(found) < 2:
-        raise FileNotFoundError(f"notebook 05 compares at least two trained arms; {Path(run_dir) / 'metrics'} holds "
-                                f"{', '.join(found) or 'none'}. Fix: run the training notebooks "
-                                f"({', '.join(ARMS[n].notebook for n in ARM_NAMES)}) with this run directory first.")
-    return {name: load_metrics(run_dir, name) for name in found}
+        raise MissingRunFile(f"notebook 05 compares at least two trained arms; {folder.metrics_dir} holds "
+                             f"{', '.join(found) or 'none'}. Fix: run the training notebooks "
+                             f"({', '.join(ARMS[n].notebook for n in ARM_NAMES)}) with this run directory first.")
+    return {name: folder.load_metrics(name) for name in found}

@@ -5,13 +5,15 @@ steps (the allocator growing, AdamW creating its state, a compile) are run untim
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 
+from .arms import build_model
 from .config import Config
-from .device import Precision, maybe_compile, synchronize
-from .train import make_optimizer, training_step
+from .device import Precision, maybe_compile, resolve_device, resolve_precision, synchronize
+from .step import make_optimizer, training_step
 
 
 def random_batches(cfg: Config, batch_size: int, device: torch.device, n: int = 4) -> list[torch.Tensor]:
@@ -67,7 +69,6 @@ def interleaved_step_times(names: list[str], cfg: Config, prec: Precision, round
     built afresh and timed `rounds` times in alternating order (A B, B A, ...): {name: [each round's
     step times]}. Load that comes and goes then falls on all models alike, unlike in training runs
     made one after the other."""
-    from .arms import build_model
     by_round: dict[str, list[list[float]]] = {n: [] for n in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
@@ -76,3 +77,11 @@ def interleaved_step_times(names: list[str], cfg: Config, prec: Precision, round
             by_round[name].append(time_training_steps(model, cfg, prec, cfg.batch_size, steps, warmup, log=log))
             del model
     return by_round
+
+
+def seconds_per_step(name: str, cfg: Config, steps: int = 3) -> float:
+    """Median wall-clock seconds of a training step of `name` under `cfg`, on random tokens, after one
+    warm-up step: enough to size a sweep or a pipeline run, not a benchmark (benchmarks/ has those)."""
+    prec = resolve_precision(cfg.dtype, resolve_device(cfg.device), cfg.force_dtype)
+    model = build_model(name, cfg).to(prec.device)
+    return statistics.median(time_training_steps(model, cfg, prec, cfg.batch_size, steps, log=lambda *_: None))

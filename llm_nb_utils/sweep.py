@@ -34,6 +34,8 @@ from .arms import ARMS, REFERENCE, parse_arms
 from .config import Config, ConfigError, changed_settings
 from .files import DamagedFileError, StorageError, read_json, write_json
 from .progress import format_duration
+from .runfolder import RunFolder
+from .steptime import seconds_per_step
 
 KAGGLE_SESSION_HOURS = 12.0
 MOE_KEYS = ("num_experts", "num_experts_per_token", "moe_intermediate_size")
@@ -135,18 +137,6 @@ def budget_steps(cfg: Config, tokens: int = 0) -> int:
     return cfg.max_steps
 
 
-def seconds_per_step(name: str, cfg: Config, steps: int = 3) -> float:
-    """Median wall-clock seconds of a training step of `name` under `cfg`, on random tokens, after one
-    warm-up step: enough to size a sweep, not a benchmark (benchmarks/ has those)."""
-    import statistics
-    from .device import resolve_device, resolve_precision
-    from .arms import build_model
-    from .steptime import time_training_steps
-    prec = resolve_precision(cfg.dtype, resolve_device(cfg.device), cfg.force_dtype)
-    model = build_model(name, cfg).to(prec.device)
-    return statistics.median(time_training_steps(model, cfg, prec, cfg.batch_size, steps, log=lambda *_: None))
-
-
 class Sweep:
     """The plan of a sweep in a folder: base settings, budget, points; what is done; what it costs."""
 
@@ -184,7 +174,7 @@ class Sweep:
 
     def finished(self, p: Point) -> dict | None:
         """The metrics of a point trained to the full budget, or None."""
-        path = self.run_dir(p) / "metrics" / f"{p.model}.json"
+        path = RunFolder(self.run_dir(p)).metrics_path(p.model)
         if not path.exists():
             return None
         try:
@@ -216,7 +206,7 @@ class Sweep:
         """Windows in the prepared test split (0 before the data is prepared)."""
         from .prepare import load_meta
         try:
-            tokens = load_meta(self.folder / "data")["splits"]["test"]["tokens"]
+            tokens = load_meta(RunFolder(self.folder).data)["splits"]["test"]["tokens"]
         except Exception:
             return 0
         return max(1, tokens // self.cfg.stride)
@@ -245,10 +235,10 @@ class Sweep:
     # --- running -------------------------------------------------------------------------------------
     def link_data(self, p: Point) -> None:
         """Every point trains on the sweep's one prepared data folder."""
-        run = self.run_dir(p)
-        run.mkdir(parents=True, exist_ok=True)
-        if not (run / "data").exists():
-            (run / "data").symlink_to(Path("..") / ".." / "data", target_is_directory=True)
+        run = RunFolder(self.run_dir(p))
+        run.path.mkdir(parents=True, exist_ok=True)
+        if not run.data.exists():
+            run.data.symlink_to(Path("..") / ".." / RunFolder(self.folder).data.name, target_is_directory=True)
 
     def run(self, wandb_mode: str = "offline", kernel: str = "python3", gpus="auto") -> list[str]:
         """Train every point not yet done, one papermill execution each. A failed point is reported
@@ -267,8 +257,9 @@ class Sweep:
                           seed=p.seed, max_steps=self.steps, wandb_mode=wandb_mode, resume=True, progress=False,
                           gpus=gpus)
             t0 = time.perf_counter()
-            (run / "logs").mkdir(parents=True, exist_ok=True)
-            with open(run / "logs" / "output.log", "a") as out:
+            logs = RunFolder(run).logs
+            logs.mkdir(parents=True, exist_ok=True)
+            with open(logs / "output.log", "a") as out:
                 try:
                     run_pipeline(params, run, (ARMS[p.model].notebook,), html=False, kernel=kernel,
                                  log=lambda *_: None, stdout=out, stderr=out)
@@ -324,20 +315,19 @@ def plan(cfg: Config, folder: str | Path, grid: str = "seeds", seeds: int = 3, e
 def main(argv=None) -> int:
     """Execute notebook 06 with papermill (it plans, estimates, runs the points and reports), and
     render its HTML report."""
-    from .config import PRESETS, make_config, parse_overrides
+    from .config import config_arguments, config_from_arguments
     from .device import DeviceError, resolve_device
     from .distributed import Dist, resolve_gpus
     from .env import default_run_dir
-    from .notebook import resolve_preset
     from .pipeline import resume_command, run_from_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m llm_nb_utils.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="auto", choices=["auto", *sorted(PRESETS)])
+    config_arguments(p, seed_help="the first seed (default: the preset's, 123)",
+                     steps_help="budget per run in steps (default: the preset's)")
     p.add_argument("--grid", default="seeds", choices=["seeds", "moe"])
     p.add_argument("--seeds", type=int, default=3, help="seeds per design (the first is --seed)")
-    p.add_argument("--seed", type=int, default=None, help="the first seed (default: the preset's, 123)")
     p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="moe grid: numbers of experts")
     p.add_argument("--per-token", type=int, nargs="+", default=[1, 2], help="moe grid: experts per token")
     p.add_argument("--arms", nargs="+", default=["all"], metavar="ARM",
@@ -346,10 +336,8 @@ def main(argv=None) -> int:
                    help="also a Dense-GQA as wide as all the experts together (MoE-GQA's total parameters)")
     p.add_argument("--keep-active-params", action="store_true",
                    help="moe grid: scale the expert width so per-token x width stays the preset's")
-    p.add_argument("--max-steps", type=int, default=0, help="budget per run in steps (default: the preset's)")
     p.add_argument("--budget-tokens", type=int, default=0, help="budget per run in training tokens (wins over steps)")
     p.add_argument("--max-hours", type=float, default=KAGGLE_SESSION_HOURS, help="warn above this estimated total")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting")
     p.add_argument("--source", default="auto", choices=["auto", "local", "gutenberg"])
     p.add_argument("--corpus-dir", default="")
     p.add_argument("--wandb-mode", default="offline", choices=["online", "offline", "disabled"])
@@ -358,11 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", default="python3")
     args = p.parse_args(argv)
 
-    preset, why = resolve_preset(args.preset)
     try:
-        overrides = parse_overrides(args.set)
-        flags = {k: v for k, v in (("seed", args.seed), ("max_steps", args.max_steps or None)) if v is not None}
-        cfg = make_config(preset, {**overrides, **flags})
+        preset, why, overrides, cfg = config_from_arguments(args)
         out = Path(args.out) if args.out else default_run_dir(preset).with_name(f"sweep-{args.grid}-{preset}")
         resolve_device(cfg.device)
         Dist(world_size=resolve_gpus(args.gpus, cfg.device)).check_batch(cfg.batch_size)

@@ -12,14 +12,16 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
+from .errors import SuiteError
+
 EOT_ID = 50256
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 # tiktoken names its cache files by the sha1 of the URL they came from.
 R50K_CACHE_NAME = hashlib.sha1(R50K_URL.encode()).hexdigest()
 
 
-class TokenizerUnavailable(RuntimeError):
-    pass
+class TokenizerUnavailable(SuiteError, RuntimeError):
+    """The GPT-2 BPE files are neither cached nor downloadable."""
 
 
 def _candidate_cache_dirs() -> list[Path]:

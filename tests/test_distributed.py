@@ -17,7 +17,7 @@ from llm_nb_utils.config import ConfigError
 from llm_nb_utils.distributed import Dist, resolve_gpus
 from llm_nb_utils.env import REPO
 from llm_nb_utils.launch import torchrun_command
-from llm_nb_utils.moe import MoEFeedForward
+from llm_nb_utils.moe import GroupedExperts, MoEFeedForward
 
 
 # --- the pieces --------------------------------------------------------------------------------------
@@ -26,17 +26,18 @@ def test_an_expert_without_tokens_still_gets_a_gradient(grouped, monkeypatch):
     """DDP without find_unused_parameters needs every parameter in every backward: the stacked
     experts give an idle expert a zero gradient slice instead of no gradient."""
     if not grouped:
-        monkeypatch.setattr(MoEFeedForward, "uses_grouped_mm", lambda *a: False)
+        monkeypatch.setattr(GroupedExperts, "uses_grouped_mm", lambda *a: False)
     torch.manual_seed(0)
     moe = MoEFeedForward(emb_dim=8, hidden_dim=16, num_experts=4, top_k=1)
     with torch.no_grad():
         moe.router.weight.fill_(-1.0)
         moe.router.weight[0].fill_(1.0)          # positive inputs: every token to expert 0
-    moe(torch.rand(2, 5, 8) + 0.1).sum().backward()
-    assert moe.expert_counts.tolist() == [10, 0, 0, 0]
+    out, routing = moe(torch.rand(2, 5, 8) + 0.1)
+    out.sum().backward()
+    assert routing.counts.tolist() == [10, 0, 0, 0]
     for p in moe.parameters():
         assert p.grad is not None
-    assert moe.w_gate.grad[0].abs().sum() > 0 and moe.w_gate.grad[1:].abs().sum() == 0
+    assert moe.experts.w_gate.grad[0].abs().sum() > 0 and moe.experts.w_gate.grad[1:].abs().sum() == 0
 
 
 def test_each_rank_takes_its_slice_of_the_global_batch():

@@ -14,7 +14,8 @@ import torch
 from conftest import curve
 from llm_nb_utils import checkpoint as ckpt
 from llm_nb_utils import files, tracking
-from llm_nb_utils import train as engine
+from llm_nb_utils import engine, step
+from llm_nb_utils.train import train_model
 from llm_nb_utils.config import ConfigError, make_config
 from llm_nb_utils.corpus import scan_corpus
 from llm_nb_utils.env import REPO
@@ -59,7 +60,7 @@ def test_a_second_training_in_the_same_folder_refuses_at_once_and_damages_nothin
         with monkeypatch.context() as m:       # at once: refused before a model is even built
             m.setattr(engine, "build_model", lambda *a: pytest.fail("built a model before refusing"))
             with pytest.raises(RunLocked, match=rf"training gpt2 is already running in .*\(pid {first.pid} on .*, since "):
-                engine.train_model("gpt2", cfg(max_steps=10), run, **quiet)
+                train_model("gpt2", cfg(max_steps=10), run, **quiet)
     finally:
         first.send_signal(signal.SIGKILL)     # dies holding the lock
         first.wait()
@@ -68,7 +69,7 @@ def test_a_second_training_in_the_same_folder_refuses_at_once_and_damages_nothin
     # The dead process's lock is taken over: the next run resumes its last checkpoint and goes on,
     # and removes what a writer killed mid-save may have left.
     step = ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints" / "gpt2"))["state"]["step"]
-    done = engine.train_model("gpt2", cfg(max_steps=step + 2, max_epochs=100, checkpoint_every=20), run, **quiet)
+    done = train_model("gpt2", cfg(max_steps=step + 2, max_epochs=100, checkpoint_every=20), run, **quiet)
     assert done["steps"] == step + 2
     assert not list((run / "checkpoints" / "gpt2").glob(".*.tmp"))
 
@@ -81,10 +82,10 @@ def test_temporary_names_are_unique_to_the_writer(tmp_path):
 
 @pytest.mark.parametrize("damaged", ["gpt2_samples.json", "gpt2.json"])
 def test_a_truncated_metrics_or_samples_file_is_rebuilt_on_the_rerun(run, damaged):
-    first = engine.train_model("gpt2", cfg(max_steps=5), run, **quiet)
+    first = train_model("gpt2", cfg(max_steps=5), run, **quiet)
     (run / "metrics" / damaged).write_text('{"model": "gp')           # a kill mid-write, as it once was
     logs = []
-    again = engine.train_model("gpt2", cfg(max_steps=5), run, progress=False, wandb_mode="disabled", log=logs.append)
+    again = train_model("gpt2", cfg(max_steps=5), run, progress=False, wandb_mode="disabled", log=logs.append)
     assert any("is damaged" in m and "rebuilt from the final checkpoint" in m for m in logs)
     assert again["test_loss"] == first["test_loss"] and again["samples"] == first["samples"]
     json.loads((run / "metrics" / damaged).read_text())
@@ -92,15 +93,15 @@ def test_a_truncated_metrics_or_samples_file_is_rebuilt_on_the_rerun(run, damage
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_says_so(run, tmp_path):
     c = cfg(max_steps=10, checkpoint_every=5)
-    straight = engine.train_model("gpt2", c, run, **quiet)
+    straight = train_model("gpt2", c, run, **quiet)
     other = tmp_path / "other"
     shutil.copytree(run / "data", other / "data")
-    engine.train_model("gpt2", c, other, **quiet)
+    train_model("gpt2", c, other, **quiet)
     latest = ckpt.latest_checkpoint(other / "checkpoints" / "gpt2")
     latest.write_bytes(latest.read_bytes()[:1000])                      # truncated
     (other / "metrics" / "gpt2.json").unlink()
     logs = []
-    resumed = engine.train_model("gpt2", c, other, progress=False, wandb_mode="disabled", log=logs.append)
+    resumed = train_model("gpt2", c, other, progress=False, wandb_mode="disabled", log=logs.append)
     assert any("step_00000010.pt could not be read" in m and "resumes from the checkpoint before it" in m
                for m in logs)
     assert (latest.parent / "step_00000010.pt.damaged").exists()
@@ -145,29 +146,29 @@ def test_the_storage_messages_name_the_folder_and_the_fix(tmp_path):
 
 def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_the_rerun_is_exact(run, tmp_path, monkeypatch):
     c = cfg(max_steps=10, checkpoint_every=5)
-    straight = engine.train_model("gpt2", c, run, **quiet)
+    straight = train_model("gpt2", c, run, **quiet)
     with small_filesystem(tmp_path / "full", "60m") as full:   # room for one 40 MB checkpoint, not two
         if full is None:
             pytest.skip("cannot mount a small filesystem here")
         work = full / "run"
         shutil.copytree(run / "data", work / "data")
-        monkeypatch.setattr(engine, "free_bytes", lambda *_: 10**12)   # pass the up-front check: fill for real
+        monkeypatch.setattr(ckpt, "free_bytes", lambda *_: 10**12)   # pass the up-front check: fill for real
         with pytest.raises(StorageError) as e:
-            engine.train_model("gpt2", c, work, **quiet)
+            train_model("gpt2", c, work, **quiet)
         msg = str(e.value)
         assert "is full" in msg and "while writing step_00000010.pt; the run needs about" in msg and "\n" not in msg
         assert e.value._render_traceback_() == [f"StorageError: {msg}"]             # one line in a notebook
         assert [p.name for p in (work / "checkpoints" / "gpt2").iterdir()] == ["step_00000005.pt"]   # no partial file
         shutil.move(str(work), tmp_path / "freed")                                   # "free some space"
     monkeypatch.undo()
-    resumed = engine.train_model("gpt2", c, tmp_path / "freed", **quiet)
+    resumed = train_model("gpt2", c, tmp_path / "freed", **quiet)
     assert curve(resumed["history"]) == curve(straight["history"]) and resumed["test_loss"] == straight["test_loss"]
 
 
 def test_too_little_space_for_the_checkpoints_is_refused_up_front_with_the_estimate(run, monkeypatch):
-    monkeypatch.setattr(engine, "free_bytes", lambda *_: 5 * 10**6)
+    monkeypatch.setattr(ckpt, "free_bytes", lambda *_: 5 * 10**6)
     with pytest.raises(StorageError, match=r"has 0.01 GB free, and gpt2's checkpoints need about 0.1\d GB \(3 kept"):
-        engine.train_model("gpt2", cfg(max_steps=5), run, **quiet)
+        train_model("gpt2", cfg(max_steps=5), run, **quiet)
 
 
 def test_a_disk_that_fills_during_data_preparation_leaves_no_partial_file(tmp_path, tiny_corpus, monkeypatch):
@@ -230,7 +231,7 @@ def test_a_1kb_corpus_warns_up_front_and_the_report_says_so(tmp_path):
     prepare_data(tmp_path / "c", tmp_path / "run" / "data", log=lambda *_: None)
     logs = []
     c = cfg(context_length=16, stride=16)         # so that the 10% splits hold a window at all
-    m = engine.train_model("gpt2", c, tmp_path / "run", progress=False, wandb_mode="disabled", log=logs.append)
+    m = train_model("gpt2", c, tmp_path / "run", progress=False, wandb_mode="disabled", log=logs.append)
     warnings = [l for l in logs if l.startswith("warning: ")]
     steps = m["steps"]
     assert steps < 10
@@ -270,11 +271,12 @@ def test_the_exported_aux_loss_coefficient_gives_transformers_the_same_penalty()
     pytest.importorskip("transformers")
     from llm_nb_utils.export_hf import to_hf
     from llm_nb_utils.arms import build_model
+    from llm_nb_utils.moe import balancing_loss
     c = cfg(n_layers=1, num_experts=4, num_experts_per_token=2, aux_loss_coef=0.01)   # one layer: no pooling
     model = build_model("moe_gqa", c).eval()
     x = torch.randint(0, c.vocab_size, (2, 16))
     with torch.no_grad():
-        ours = c.aux_loss_coef * model(x, x).aux_loss
+        ours = c.aux_loss_coef * balancing_loss(model(x, x).routing)
         hf = to_hf(model)
         out = hf(input_ids=x, labels=x, output_router_logits=True)
     theirs = hf.config.router_aux_loss_coef * out.aux_loss

@@ -6,13 +6,14 @@ import torch.nn.functional as F
 
 from llm_nb_utils import layers
 from llm_nb_utils.accounting import count_params, flops_per_token
-from llm_nb_utils.attention import GroupedQueryAttention, MultiHeadAttention
 from llm_nb_utils.config import make_config
 from llm_nb_utils.generate import generate
-from llm_nb_utils.layers import SwiGLUFeedForward, apply_rope, rope_tables
+from llm_nb_utils.gpt2 import MultiHeadAttention
+from llm_nb_utils.layers import apply_rope, rope_tables
+from llm_nb_utils.qwen3 import GroupedQueryAttention, SwiGLUFeedForward
 from llm_nb_utils.arms import ARM_NAMES, build_model
 from llm_nb_utils import moe as moe_mod
-from llm_nb_utils.moe import MoEFeedForward
+from llm_nb_utils.moe import GroupedExperts, MoEFeedForward, balancing_loss
 
 NAMES = list(ARM_NAMES)
 
@@ -24,18 +25,18 @@ def test_a_one_expert_top1_moe_is_the_dense_swiglu_exactly(path, monkeypatch):
     (the loop path runs the very same products; the grouped kernel may round differently)."""
     torch.manual_seed(0)
     moe = MoEFeedForward(16, 32, num_experts=1, top_k=1)
-    for w in (moe.w_gate, moe.w_up, moe.w_down, moe.router.weight):
+    for w in (moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down, moe.router.weight):
         torch.nn.init.normal_(w, std=0.3)
     dense = SwiGLUFeedForward(16, 32)
     with torch.no_grad():
         for role in ("w_gate", "w_up", "w_down"):
-            getattr(dense, role).copy_(getattr(moe, role)[0])
-    monkeypatch.setattr(MoEFeedForward, "uses_grouped_mm", lambda *_: path == "grouped")
+            getattr(dense, role).copy_(getattr(moe.experts, role)[0])
+    monkeypatch.setattr(GroupedExperts, "uses_grouped_mm", lambda *_: path == "grouped")
     x = torch.randn(3, 7, 16)
     if path == "loop":
-        assert torch.equal(moe(x), dense(x))
+        assert torch.equal(moe(x)[0], dense(x))
     else:
-        torch.testing.assert_close(moe(x), dense(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(moe(x)[0], dense(x), rtol=1e-6, atol=1e-6)
 
 
 def test_dense_gqa_is_moe_gqa_with_a_dense_feed_forward():
@@ -67,7 +68,7 @@ def test_shapes_and_initial_loss(name):
     out = model(x, y)
     assert out.logits is None            # loss fused with the head, no full logits
     assert abs(out.loss.item() - math.log(cfg.vocab_size)) < 0.1
-    assert out.aux_loss.shape == ()
+    assert [r.counts.shape for r in out.routing] == ([(cfg.num_experts,)] * cfg.n_layers if name == "moe_gqa" else [])
     with torch.no_grad():                # evaluation: the fused loss without its gradients
         plain = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
         assert model(x, y).loss.item() == pytest.approx(plain.item(), abs=1e-5)
@@ -183,9 +184,9 @@ def reference_moe(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
     w = w / w.sum(-1, keepdim=True)
     out = torch.zeros_like(flat)
     for e in range(moe.num_experts):
-        h = F.silu(flat @ moe.w_gate[e]) * (flat @ moe.w_up[e])
+        h = F.silu(flat @ moe.experts.w_gate[e]) * (flat @ moe.experts.w_up[e])
         weight = (w * (idx == e)).sum(-1, keepdim=True)
-        out = out + weight * (h @ moe.w_down[e])
+        out = out + weight * (h @ moe.experts.w_down[e])
     return out.view_as(x)
 
 
@@ -198,13 +199,14 @@ def test_moe_fast_paths_equal_reference_outputs_and_gradients(dims, path, monkey
     torch.nn.init.normal_(moe.router.weight, std=0.5)
     x = torch.randn(3, 7, dims[0], requires_grad=True)
     if path == "auto":
-        assert not moe.uses_grouped_mm(x.device, x.dtype)
+        assert not moe.experts.uses_grouped_mm(x.device, x.dtype)
     else:
-        monkeypatch.setattr(MoEFeedForward, "uses_grouped_mm", lambda *_: path == "grouped")
-    fast = moe(x)
-    grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, moe.w_gate, moe.w_up, moe.w_down, moe.router.weight])
+        monkeypatch.setattr(GroupedExperts, "uses_grouped_mm", lambda *_: path == "grouped")
+    fast, _ = moe(x)
+    weights = [x, moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down, moe.router.weight]
+    grads_fast = torch.autograd.grad(fast.pow(2).sum(), weights)
     ref = reference_moe(moe, x)
-    grads_ref = torch.autograd.grad(ref.pow(2).sum(), [x, moe.w_gate, moe.w_up, moe.w_down, moe.router.weight])
+    grads_ref = torch.autograd.grad(ref.pow(2).sum(), weights)
     assert torch.allclose(fast, ref, atol=1e-5)
     for a, b in zip(grads_fast, grads_ref):
         assert torch.allclose(a, b, atol=1e-5)
@@ -213,7 +215,7 @@ def test_moe_fast_paths_equal_reference_outputs_and_gradients(dims, path, monkey
 def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monkeypatch):
     moe = MoEFeedForward(16, 32, num_experts=4, top_k=2)
     cpu = torch.device("cpu")
-    assert moe.uses_grouped_mm(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)    # this torch's CPU build has one
+    assert moe.experts.uses_grouped_mm(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)    # this torch's CPU build has one
 
     def broken(*a, **k):
         raise RuntimeError("no kernel for this device")
@@ -223,13 +225,13 @@ def test_grouped_product_is_used_where_it_works_and_refused_where_it_fails(monke
 
     monkeypatch.setattr(moe_mod, "_GROUPED_MM_WORKS", {})      # not probed yet in this test
     with torch.no_grad():                                      # first use in evaluation
-        assert moe.uses_grouped_mm(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)
+        assert moe.experts.uses_grouped_mm(cpu, torch.float32) == (moe_mod._GROUPED_MM is not None)
     for fake in (broken, wrong):
         monkeypatch.setattr(moe_mod, "_GROUPED_MM", fake)
         monkeypatch.setattr(moe_mod, "_GROUPED_MM_WORKS", {})
-        assert not moe.uses_grouped_mm(cpu, torch.float32)
+        assert not moe.experts.uses_grouped_mm(cpu, torch.float32)
         x = torch.randn(2, 5, 16)
-        assert torch.allclose(moe(x), reference_moe(moe, x), atol=1e-5)     # the loop serves instead
+        assert torch.allclose(moe(x)[0], reference_moe(moe, x), atol=1e-5)     # the loop serves instead
 
 
 @pytest.mark.skipif(moe_mod._GROUPED_MM is None, reason="this torch has no grouped matrix product")
@@ -249,7 +251,7 @@ def test_training_forward_traces_as_one_graph(monkeypatch):
         assert moe_mod._GROUPED_MM_WORKS == {("cpu", torch.bfloat16): True}
         dynamo.reset()
         for block in models["moe_gqa"].blocks:
-            block.moe.uses_grouped_mm = lambda *_: False
+            block.moe.experts.uses_grouped_mm = lambda *_: False
         assert dynamo.explain(models["moe_gqa"])(idx, targets).graph_break_count > 0
     dynamo.reset()
 
@@ -257,19 +259,19 @@ def test_training_forward_traces_as_one_graph(monkeypatch):
 def test_routing_picks_k_experts_with_weights_summing_to_one():
     torch.manual_seed(0)
     moe = MoEFeedForward(16, 32, num_experts=5, top_k=3)
-    probs, experts, weights = moe.route(torch.randn(50, 16))
+    probs, experts, weights = moe.router(torch.randn(50, 16))
     assert experts.shape == (50, 3) and weights.shape == (50, 3)
     assert all(len(set(r)) == 3 for r in experts.tolist())
     assert torch.allclose(weights.sum(-1), torch.ones(50))
     assert torch.allclose(probs.sum(-1), torch.ones(50))
-    moe(torch.randn(2, 25, 16))
-    assert moe.expert_counts.sum().item() == 50 * 3
+    _, routing = moe(torch.randn(2, 25, 16))
+    assert routing.counts.sum().item() == 50 * 3
 
 
 def test_router_runs_in_fp32_under_autocast():
     moe = MoEFeedForward(16, 32, num_experts=4, top_k=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        probs, _, weights = moe.route(torch.randn(10, 16))
+        probs, _, weights = moe.router(torch.randn(10, 16))
     assert probs.dtype == torch.float32 and weights.dtype == torch.float32
 
 
@@ -281,26 +283,27 @@ def test_aux_loss_is_one_when_balanced_and_pushes_a_collapsed_router_back():
     x = torch.randn(4, 16, 16)
     moe = MoEFeedForward(16, 32, num_experts=4, top_k=2)
     torch.nn.init.zeros_(moe.router.weight)
-    moe(x)
-    assert moe.aux_loss.item() == pytest.approx(1.0)
+
+    def aux(x):
+        _, routing = moe(x)
+        return balancing_loss([routing]), routing.counts.tolist()
+    assert aux(x)[0].item() == pytest.approx(1.0)
     with torch.no_grad():                       # a bias-like direction: every token prefers experts 0, 1
         moe.router.weight.zero_()
         x = x + 1.0
         moe.router.weight[0].fill_(0.3)
         moe.router.weight[1].fill_(0.25)
-    moe(x)
-    collapsed = moe.aux_loss.item()    # E * (f=1/2) * (P0 + P1): close to E/k = 2 as P0 + P1 -> 1
-    assert collapsed > 1.5
-    assert moe.expert_counts.tolist()[2:] == [0, 0]
+    collapsed, counts = aux(x)    # E * (f=1/2) * (P0 + P1): close to E/k = 2 as P0 + P1 -> 1
+    assert collapsed.item() > 1.5
+    assert counts[2:] == [0, 0]
     opt = torch.optim.SGD([moe.router.weight], lr=0.1)
     for _ in range(200):
-        moe(x)
         opt.zero_grad()
-        moe.aux_loss.backward()
+        aux(x)[0].backward()
         opt.step()
-    moe(x)
-    assert moe.aux_loss.item() == pytest.approx(1.0, abs=0.02)
-    assert min(moe.expert_counts.tolist()) >= 0.8 * 32
+    balanced, counts = aux(x)
+    assert balanced.item() == pytest.approx(1.0, abs=0.02)
+    assert min(counts) >= 0.8 * 32
 
 
 @pytest.mark.parametrize("name", NAMES)

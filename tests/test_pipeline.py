@@ -102,10 +102,10 @@ def test_the_test_loss_agrees_with_an_independent_sample_spread_over_the_split(p
     from llm_nb_utils.config import Config
     from llm_nb_utils.data import load_splits
     from llm_nb_utils.device import resolve_precision
-    from llm_nb_utils.train import load_trained_model
+    from llm_nb_utils.runfolder import RunFolder
     for name, m in run_metrics.items():
         cfg = Config(**{**m["config"], "eval_seed": m["config"]["eval_seed"] + 1})
-        model = load_trained_model(pipeline_run, name, cfg)
+        model = RunFolder(pipeline_run).load_trained_model(name, cfg)
         ds = load_splits(pipeline_run / "data", cfg)["test"].dataset
         sample = ev.test_sample(len(ds), cfg)
         assert sample.fingerprint() != m["evaluation"]["test"]["fingerprint"]

@@ -15,7 +15,8 @@ from conftest import curve
 from llm_nb_utils import checkpoint as ckpt
 from llm_nb_utils import data as data_mod
 from llm_nb_utils import report, tracking
-from llm_nb_utils import train as engine
+from llm_nb_utils import engine, step
+from llm_nb_utils.train import train_model
 from llm_nb_utils.config import PRESETS, Config, make_config, parse_overrides
 from llm_nb_utils.env import REPO
 from llm_nb_utils.arms import ARM_NAMES, build_model
@@ -70,15 +71,15 @@ def interrupt_at(step: int):
 
 KILL_AFTER_SAVE = """
 import json, os, signal, sys
-from llm_nb_utils import train
+from llm_nb_utils import checkpoint, train
 from llm_nb_utils.config import Config
-real = train.save_checkpoint
+real = checkpoint.save_checkpoint
 def save(state, d, step, *a, **k):
     path = real(state, d, step, *a, **k)
     if state["reason"] == sys.argv[3]:
         os.kill(os.getpid(), signal.SIGKILL)      # kill -9, right after this checkpoint is on disk
     return path
-train.save_checkpoint = save
+checkpoint.save_checkpoint = save
 train.train_model(sys.argv[1], Config(**json.loads(sys.argv[4])), sys.argv[2], progress=False,
                   wandb_mode="disabled")
 """
@@ -103,17 +104,17 @@ SCHEDULE = dict(max_steps=16, eval_freq=4, checkpoint_every=4, lr_schedule="cosi
 def test_resume_under_cosine_warmup_is_bitwise_the_uninterrupted_run(prepared_run, tmp_path, monkeypatch,
                                                                      name, drop, how):
     c = cfg(drop_rate=drop, **SCHEDULE)
-    straight = engine.train_model(name, c, fresh(prepared_run, tmp_path / "a"), **quiet)
+    straight = train_model(name, c, fresh(prepared_run, tmp_path / "a"), **quiet)
     run = fresh(prepared_run, tmp_path / "b")
     if how == "sigint":
         monkeypatch.setattr(engine, "build_model", interrupt_at(6))       # mid-warm-up
         with pytest.raises(KeyboardInterrupt):
-            engine.train_model(name, c, run, **quiet)
+            train_model(name, c, run, **quiet)
         monkeypatch.setattr(engine, "build_model", build_model)
     else:
         killed_after(name, c, run, "periodic")                              # at step 4
     assert ckpt.latest_checkpoint(run / "checkpoints" / name).name in ("step_00000004.pt", "step_00000006.pt")
-    resumed = engine.train_model(name, c, run, **quiet)
+    resumed = train_model(name, c, run, **quiet)
     assert curve(resumed["history"]) == curve(straight["history"])
     same_weights(straight["model"].state_dict(), resumed["model"].state_dict())
 
@@ -146,7 +147,7 @@ def test_two_epochs_resumed_at_the_epoch_end_checkpoint_and_mid_epoch_2(two_play
             epochs_started.append((epoch, start))
         return real_set_epoch(self, epoch, start)
     monkeypatch.setattr(data_mod.EpochBatchSampler, "set_epoch", record)
-    straight = engine.train_model("gpt2", c, fresh(two_plays, tmp_path / "a"), **quiet)
+    straight = train_model("gpt2", c, fresh(two_plays, tmp_path / "a"), **quiet)
     per_epoch = straight["steps"] // 2
     assert straight["epochs_completed"] == 2 and epochs_started == [(0, 0), (1, 0)]
 
@@ -154,7 +155,7 @@ def test_two_epochs_resumed_at_the_epoch_end_checkpoint_and_mid_epoch_2(two_play
     killed_after("gpt2", c, at_boundary, "epoch")                            # kill -9 after the epoch-1 checkpoint
     assert ckpt.latest_checkpoint(at_boundary / "checkpoints" / "gpt2").name == f"step_{per_epoch:08d}.pt"
     epochs_started.clear()
-    resumed = engine.train_model("gpt2", c, at_boundary, **quiet)
+    resumed = train_model("gpt2", c, at_boundary, **quiet)
     assert epochs_started == [(1, 0)]                                       # epoch 2, from its first batch
     assert curve(resumed["history"]) == curve(straight["history"])
     same_weights(straight["model"].state_dict(), resumed["model"].state_dict())
@@ -162,10 +163,10 @@ def test_two_epochs_resumed_at_the_epoch_end_checkpoint_and_mid_epoch_2(two_play
     mid = fresh(two_plays, tmp_path / "c")
     monkeypatch.setattr(engine, "build_model", interrupt_at(per_epoch + 5))
     with pytest.raises(KeyboardInterrupt):
-        engine.train_model("gpt2", c, mid, **quiet)
+        train_model("gpt2", c, mid, **quiet)
     monkeypatch.setattr(engine, "build_model", build_model)
     epochs_started.clear()
-    resumed = engine.train_model("gpt2", c, mid, **quiet)
+    resumed = train_model("gpt2", c, mid, **quiet)
     assert epochs_started == [(1, 5)]                                       # epoch 2, batch 5
     assert curve(resumed["history"]) == curve(straight["history"])
     same_weights(straight["model"].state_dict(), resumed["model"].state_dict())
@@ -180,7 +181,7 @@ def test_export_of_a_trained_run_reproduces_its_logits(prepared_run, tmp_path, n
 
     from llm_nb_utils.export_hf import export_run
     run = fresh(prepared_run, tmp_path / "run")
-    trained = engine.train_model(name, cfg(max_steps=12), run, **quiet)["model"].eval()
+    trained = train_model(name, cfg(max_steps=12), run, **quiet)["model"].eval()
     hf = AutoModelForCausalLM.from_pretrained(export_run(run, name)).eval()
     x = torch.randint(0, 50257, (2, 32))
     with torch.no_grad():
@@ -205,14 +206,14 @@ def overflow_at(step: int):
 def test_an_fp16_gradient_overflow_skips_the_step_halves_the_scale_and_resumes_it(prepared_run, tmp_path, monkeypatch):
     half = dict(dtype="float16", force_dtype=True, checkpoint_every=100, eval_freq=100, lr_schedule="constant",
                 warmup_steps=0, test_windows=2)
-    two = engine.train_model("gpt2", cfg(max_steps=2, **half), fresh(prepared_run, tmp_path / "two"), **quiet)
+    two = train_model("gpt2", cfg(max_steps=2, **half), fresh(prepared_run, tmp_path / "two"), **quiet)
     monkeypatch.setattr(engine, "build_model", overflow_at(3))
     run = fresh(prepared_run, tmp_path / "three")
-    three = engine.train_model("gpt2", cfg(max_steps=3, **half), run, **quiet)     # no NonFiniteLossError
+    three = train_model("gpt2", cfg(max_steps=3, **half), run, **quiet)     # no NonFiniteLossError
     monkeypatch.setattr(engine, "build_model", build_model)
     same_weights(two["model"].state_dict(), three["model"].state_dict())          # step 3 was skipped
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints" / "gpt2"))["scaler"]["scale"] == 2.0 ** 15
-    engine.train_model("gpt2", cfg(max_steps=5, **half), run, **quiet)              # resumed: the scale stays
+    train_model("gpt2", cfg(max_steps=5, **half), run, **quiet)              # resumed: the scale stays
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints" / "gpt2"))["scaler"]["scale"] == 2.0 ** 15
 
 

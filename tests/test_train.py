@@ -10,7 +10,8 @@ import torch
 from conftest import curve
 from llm_nb_utils import checkpoint as ckpt
 from llm_nb_utils import device as dev
-from llm_nb_utils import train as engine
+from llm_nb_utils import engine, step
+from llm_nb_utils.train import train_model
 from llm_nb_utils.config import make_config
 from llm_nb_utils.arms import build_model
 
@@ -31,7 +32,7 @@ def cfg(**kw):
 
 @pytest.mark.parametrize("name", ["gpt2", "moe_gqa"])
 def test_smoke_training_learns_and_writes_the_metrics_contract(run, name):
-    m = engine.train_model(name, cfg(max_steps=30, eval_freq=10), run, **quiet)
+    m = train_model(name, cfg(max_steps=30, eval_freq=10), run, **quiet)
     hist = m["history"]
     assert [h["step"] for h in hist] == [10, 20, 30]
     assert hist[-1]["val_loss"] < hist[0]["val_loss"] - 0.3
@@ -62,12 +63,12 @@ def test_smoke_training_learns_and_writes_the_metrics_contract(run, name):
 
 def test_resume_continues_exactly(run, tmp_path):
     c = cfg(max_steps=12, eval_freq=3, checkpoint_every=100, lr_schedule="constant", warmup_steps=0)
-    straight = engine.train_model("gpt2", c, run, **quiet)
+    straight = train_model("gpt2", c, run, **quiet)
 
     other = tmp_path / "other"
     shutil.copytree(run / "data", other / "data")
-    engine.train_model("gpt2", c.replace(max_steps=6), other, **quiet)
-    resumed = engine.train_model("gpt2", c, other, **quiet)
+    train_model("gpt2", c.replace(max_steps=6), other, **quiet)
+    resumed = train_model("gpt2", c, other, **quiet)
     assert resumed["steps"] == 12
     assert curve(resumed["history"]) == curve(straight["history"])
     for (k, a), b in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().values()):
@@ -77,17 +78,17 @@ def test_resume_continues_exactly(run, tmp_path):
 
 def test_finished_run_is_reused_not_retrained(run):
     c = cfg(max_steps=5)
-    engine.train_model("gpt2", c, run, **quiet)
+    train_model("gpt2", c, run, **quiet)
     msgs = []
-    again = engine.train_model("gpt2", c, run, progress=False, log=msgs.append)
+    again = train_model("gpt2", c, run, progress=False, log=msgs.append)
     assert any("already trained" in m for m in msgs) and again["steps"] == 5
 
 
 def test_resume_with_other_shapes_is_refused(run):
-    engine.train_model("gpt2", cfg(max_steps=4), run, **quiet)
+    train_model("gpt2", cfg(max_steps=4), run, **quiet)
     with pytest.raises(engine.ResumeError, match="emb_dim: checkpoint 64 vs now 32"):
-        engine.train_model("gpt2", cfg(max_steps=8, emb_dim=32, head_dim=8), run, **quiet)
-    fresh = engine.train_model("gpt2", cfg(max_steps=2, emb_dim=32, head_dim=8), run, resume=False, **quiet)
+        train_model("gpt2", cfg(max_steps=8, emb_dim=32, head_dim=8), run, **quiet)
+    fresh = train_model("gpt2", cfg(max_steps=2, emb_dim=32, head_dim=8), run, resume=False, **quiet)
     assert fresh["steps"] == 2 and list((run / "checkpoints").glob("gpt2.old-*"))
 
 
@@ -133,7 +134,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(run, 
         out.loss = out.loss * float("nan")
     monkeypatch.setattr(engine, "build_model", poisoned(13, nan))
     with pytest.raises(engine.NonFiniteLossError, match="non-finite at step 13.*step_00000010.pt"):
-        engine.train_model("gpt2", cfg(max_steps=30, checkpoint_every=10, log_every=5), run, **quiet)
+        train_model("gpt2", cfg(max_steps=30, checkpoint_every=10, log_every=5), run, **quiet)
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints" / "gpt2")] == ["step_00000010.pt"]
     state = ckpt.load_checkpoint(run / "checkpoints" / "gpt2" / "step_00000010.pt")
     assert all(torch.isfinite(t).all() for t in state["model"].values())
@@ -144,23 +145,23 @@ def test_interrupt_saves_and_resume_finishes(run, monkeypatch):
         os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(engine, "build_model", poisoned(7, interrupt))
     with pytest.raises(KeyboardInterrupt, match="interrupted at step 7"):
-        engine.train_model("gpt2", cfg(max_steps=20), run, **quiet)
+        train_model("gpt2", cfg(max_steps=20), run, **quiet)
     assert ckpt.latest_checkpoint(run / "checkpoints" / "gpt2").name == "step_00000007.pt"
     monkeypatch.setattr(engine, "build_model", build_model)
-    assert engine.train_model("gpt2", cfg(max_steps=20), run, **quiet)["steps"] == 20
+    assert train_model("gpt2", cfg(max_steps=20), run, **quiet)["steps"] == 20
 
 
 def test_learning_rate_schedule():
     c = cfg(lr_schedule="cosine", warmup_steps=10, min_lr_ratio=0.1)
-    f = [engine.lr_factor(s, c, 110) for s in range(111)]
+    f = [step.lr_factor(s, c, 110) for s in range(111)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1)
-    assert engine.lr_factor(50, c.replace(lr_schedule="constant"), 110) == 1.0
+    assert step.lr_factor(50, c.replace(lr_schedule="constant"), 110) == 1.0
 
 
 def test_weight_decay_spares_norms_biases_and_embeddings():
     model = build_model("gpt2", cfg(bias=True, tie_embeddings=False))
-    opt = engine.make_optimizer(model, model.cfg)
+    opt = step.make_optimizer(model, model.cfg)
     assert opt.defaults["fused"]            # one pass per tensor, on the CPU too
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
@@ -190,10 +191,10 @@ def test_float16_with_grad_scaler_trains_like_float32(run, tmp_path, name):
     it follows the fp32 run (measured: every loss within 2e-5 for GPT-2, 1.9e-4 for MoE-GQA) and
     its scaler state goes into the checkpoints."""
     c = cfg(max_steps=12, eval_freq=4, checkpoint_every=100, test_windows=10)
-    ref = engine.train_model(name, c, run, **quiet)
+    ref = train_model(name, c, run, **quiet)
     other = tmp_path / "fp16"
     shutil.copytree(run / "data", other / "data")
-    half = engine.train_model(name, c.replace(dtype="float16", force_dtype=True), other, **quiet)
+    half = train_model(name, c.replace(dtype="float16", force_dtype=True), other, **quiet)
     assert half["dtype"] == "float16"
     for a, b in zip(half["history"], ref["history"]):
         assert abs(a["val_loss"] - b["val_loss"]) < 5e-3 and abs(a["train_loss"] - b["train_loss"]) < 5e-3
