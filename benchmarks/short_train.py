@@ -38,7 +38,7 @@ def main(argv=None) -> int:
             (run / "data").symlink_to(data)
     rows = {}
     for name in args.models:
-        m = train_model(name, cfg, run, progress=False, wandb_mode="disabled")
+        m = train_model(name, cfg, run, progress=False)
         rows[name] = {k: m[k] for k in ("steps", "tokens_seen", "test_loss", "test_perplexity", "tokens_per_s",
                                          "train_time_s", "peak_memory_mb", "peak_memory_kind", "device_name", "dtype",
                                          "total_params", "active_params")}

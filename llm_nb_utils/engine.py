@@ -101,7 +101,7 @@ def build_pieces(name: str, cfg: Config, folder: RunFolder, dist: Dist) -> Piece
 
 
 def run_training(name: str, cfg: Config, folder: RunFolder, dist: Dist, resume: bool = True, progress: bool = True,
-                 wandb_mode: str | None = None, log=print, progress_interval_s: float = 60.0) -> dict:
+                 log=print, progress_interval_s: float = 60.0) -> dict:
     """This rank's whole run; returns the metrics (the same on every rank) with the model under "model"."""
     log = log if dist.is_main else (lambda *a, **k: None)    # one voice: rank 0's
     p = build_pieces(name, cfg, folder, dist)
@@ -118,7 +118,7 @@ def run_training(name: str, cfg: Config, folder: RunFolder, dist: Dist, resume: 
         return {**reused, "model": p.model}
     ckpts.check_space(p.model, name)
     forward_model = maybe_compile(dist.wrap(p.model, p.prec.device), cfg.compile, p.prec.device, log)
-    tracker = init_tracking(cfg, folder.path, name, wandb_mode) if dist.is_main else Tracker()
+    tracker = init_tracking(cfg, folder.path, name) if dist.is_main else Tracker()
     log(tracker.message)
     reset_peak_memory(p.prec.device)
     # A bar in interactive runs; in batch runs (progress=False) a line every progress_interval_s.

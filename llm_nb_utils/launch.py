@@ -29,16 +29,13 @@ class DistributedRunError(SuiteError, RuntimeError):
     pass
 
 
-def torchrun_command(name: str, cfg: Config, run_dir: Path, nproc: int, resume: bool, wandb_mode: str | None,
-                     lock_held: bool = False) -> list[str]:
+def torchrun_command(name: str, cfg: Config, run_dir: Path, nproc: int, resume: bool, lock_held: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "llm_nb_utils.worker", "--model", name, "--run-dir", str(run_dir), "--config", cfg.to_json()]
     if lock_held:
         cmd.append("--lock-held")
     if not resume:
         cmd.append("--no-resume")
-    if wandb_mode:
-        cmd += ["--wandb-mode", wandb_mode]
     return cmd
 
 
@@ -57,8 +54,7 @@ def _stream(proc: subprocess.Popen, log, lines: list[str]) -> None:
         log(line)
 
 
-def launch_torchrun(name: str, cfg: Config, folder, nproc: int, resume: bool = True, wandb_mode: str | None = None,
-                    log=print) -> None:
+def launch_torchrun(name: str, cfg: Config, folder, nproc: int, resume: bool = True, log=print) -> None:
     """Train `name` in `nproc` processes under torchrun, in the run folder whose lock the caller holds."""
     run_dir = folder.path.resolve()
     env = {**os.environ, "PYTHONUNBUFFERED": "1",    # rank 0's lines as they come
@@ -70,7 +66,7 @@ def launch_torchrun(name: str, cfg: Config, folder, nproc: int, resume: bool = T
     lines: list[str] = []
     # A session of its own: a Ctrl-C reaches the workers through us (below), not torchrun, which
     # would stop them before they could save.
-    proc = subprocess.Popen(torchrun_command(name, cfg, run_dir, nproc, resume, wandb_mode, lock_held=True), env=env,
+    proc = subprocess.Popen(torchrun_command(name, cfg, run_dir, nproc, resume, lock_held=True), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         _stream(proc, log, lines)

@@ -81,8 +81,8 @@ def wandb_unreachable() -> str:
     return _reachable[host, port]
 
 
-def init_tracking(cfg, run_dir: str | Path, name: str, mode: str | None = None) -> Tracker:
-    mode = os.environ.get("WANDB_MODE") or mode or cfg.wandb_mode
+def init_tracking(cfg, run_dir: str | Path, name: str) -> Tracker:
+    mode = os.environ.get("WANDB_MODE") or cfg.wandb_mode
     if mode in ("disabled", "off"):
         return Tracker(mode="disabled", message="W&B: disabled")
     try:

@@ -21,10 +21,11 @@ from .runfolder import RunFolder
 
 
 def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True, progress: bool = True,
-                wandb_mode: str | None = None, log=print, progress_interval_s: float = 60.0, gpus=1) -> dict:
+                log=print, progress_interval_s: float = 60.0, gpus=1) -> dict:
     """Train arm `name` and return its metrics dict (also written to `<run_dir>/metrics/<name>.json`),
     with the trained model under "model". progress=False (batch runs): a progress line every
-    `progress_interval_s` seconds and one per evaluation instead of a bar.
+    `progress_interval_s` seconds and one per evaluation instead of a bar. W&B follows cfg.wandb_mode
+    (the WANDB_MODE variable wins).
 
     gpus: 1, a number, or "auto" (every visible CUDA GPU). Above 1, the training runs under torchrun
     in processes of its own and this returns what they wrote."""
@@ -32,8 +33,8 @@ def train_model(name: str, cfg: Config, run_dir: str | Path, resume: bool = True
     n = resolve_gpus(gpus, cfg.device)
     with folder.training_lock(name):
         if n > 1:
-            launch_torchrun(name, cfg, folder, n, resume=resume, wandb_mode=wandb_mode, log=log)
+            launch_torchrun(name, cfg, folder, n, resume=resume, log=log)
             model = folder.load_trained_model(name, cfg, resolve_device(cfg.device))
             return {**folder.load_metrics(name), "model": model}
         return run_training(name, cfg, folder, init_process(cfg.device, log), resume=resume, progress=progress,
-                            wandb_mode=wandb_mode, log=log, progress_interval_s=progress_interval_s)
+                            log=log, progress_interval_s=progress_interval_s)

@@ -36,7 +36,6 @@ def main(argv=None) -> int:
     config_arguments(p, default_preset="paper")
     p.add_argument("--config", default="", help="every setting as JSON (Config.to_json; what the front door passes)")
     p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"])
     p.add_argument("--lock-held", action="store_true", help="the process that started torchrun holds the lock")
     args = p.parse_args(argv)
     cfg = Config.from_json(args.config) if args.config else config_from_arguments(args)[2]
@@ -47,8 +46,7 @@ def main(argv=None) -> int:
     def run():
         locked = dist.is_main and not args.lock_held
         with folder.training_lock(args.model) if locked else nullcontext():
-            run_training(args.model, cfg, folder, dist, resume=not args.no_resume, progress=False,
-                         wandb_mode=args.wandb_mode)
+            run_training(args.model, cfg, folder, dist, resume=not args.no_resume, progress=False)
 
     start = time.time()
     finished = False

@@ -139,7 +139,7 @@ def test_a_rank_killed_takes_the_launcher_down_within_30_seconds(ddp_cfg, prepar
     run = run_dir_with_data(prepared_run, tmp_path / "run")
     cfg = ddp_cfg.replace(max_steps=0, max_epochs=100, checkpoint_every=100000, eval_freq=100000)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(torchrun_command("gpt2", cfg, run, 2, True, "disabled"), env=env, text=True,
+    proc = subprocess.Popen(torchrun_command("gpt2", cfg, run, 2, True), env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120

@@ -24,7 +24,7 @@ from llm_nb_utils.lock import RunLocked
 from llm_nb_utils.pipeline import main
 from llm_nb_utils.prepare import prepare_data
 
-quiet = dict(progress=False, log=lambda *_: None, wandb_mode="disabled")
+quiet = dict(progress=False, log=lambda *_: None)
 
 
 def cfg(**kw):
@@ -85,7 +85,7 @@ def test_a_truncated_metrics_or_samples_file_is_rebuilt_on_the_rerun(run, damage
     first = train_model("gpt2", cfg(max_steps=5), run, **quiet)
     (run / "metrics" / damaged).write_text('{"model": "gp')           # a kill mid-write, as it once was
     logs = []
-    again = train_model("gpt2", cfg(max_steps=5), run, progress=False, wandb_mode="disabled", log=logs.append)
+    again = train_model("gpt2", cfg(max_steps=5), run, progress=False, log=logs.append)
     assert any("is damaged" in m and "rebuilt from the final checkpoint" in m for m in logs)
     assert again["test_loss"] == first["test_loss"] and again["samples"] == first["samples"]
     json.loads((run / "metrics" / damaged).read_text())
@@ -101,7 +101,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_and_says_so(ru
     latest.write_bytes(latest.read_bytes()[:1000])                      # truncated
     (other / "metrics" / "gpt2.json").unlink()
     logs = []
-    resumed = train_model("gpt2", c, other, progress=False, wandb_mode="disabled", log=logs.append)
+    resumed = train_model("gpt2", c, other, progress=False, log=logs.append)
     assert any("step_00000010.pt could not be read" in m and "resumes from the checkpoint before it" in m
                for m in logs)
     assert (latest.parent / "step_00000010.pt.damaged").exists()
@@ -231,7 +231,7 @@ def test_a_1kb_corpus_warns_up_front_and_the_report_says_so(tmp_path):
     prepare_data(tmp_path / "c", tmp_path / "run" / "data", log=lambda *_: None)
     logs = []
     c = cfg(context_length=16, stride=16)         # so that the 10% splits hold a window at all
-    m = train_model("gpt2", c, tmp_path / "run", progress=False, wandb_mode="disabled", log=logs.append)
+    m = train_model("gpt2", c, tmp_path / "run", progress=False, log=logs.append)
     warnings = [l for l in logs if l.startswith("warning: ")]
     steps = m["steps"]
     assert steps < 10

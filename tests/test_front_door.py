@@ -188,7 +188,7 @@ def test_the_paper_preset_on_a_cpu_prints_its_estimate(prepared_run, tmp_path):
     cfg = make_config("paper", device="cpu", max_steps=8, log_every=1, test_windows=1, sample_max_new_tokens=2,
                       eval_iter=1)
     lines = []
-    train_model("gpt2", cfg, tmp_path, progress=False, wandb_mode="disabled", log=lines.append)
+    train_model("gpt2", cfg, tmp_path, progress=False, log=lines.append)
     estimate = [l for l in lines if l.startswith("gpt2: about ")]
     # The clock starts at the first read-back (step 1, which pays for warm-up); 5 steps later, the estimate.
     assert len(estimate) == 1 and "for the 2 steps left of 8 (" in estimate[0] and "over steps 2-6;" in estimate[0]

@@ -22,7 +22,7 @@ from llm_nb_utils.env import REPO
 from llm_nb_utils.arms import ARM_NAMES, build_model
 from llm_nb_utils.prepare import prepare_data
 
-quiet = dict(progress=False, log=lambda *_: None, wandb_mode="disabled")
+quiet = dict(progress=False, log=lambda *_: None)
 
 
 @pytest.fixture(autouse=True)
@@ -80,8 +80,7 @@ def save(state, d, step, *a, **k):
         os.kill(os.getpid(), signal.SIGKILL)      # kill -9, right after this checkpoint is on disk
     return path
 checkpoint.save_checkpoint = save
-train.train_model(sys.argv[1], Config(**json.loads(sys.argv[4])), sys.argv[2], progress=False,
-                  wandb_mode="disabled")
+train.train_model(sys.argv[1], Config(**json.loads(sys.argv[4])), sys.argv[2], progress=False)
 """
 
 
