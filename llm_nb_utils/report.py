@@ -22,7 +22,13 @@ ROW_LABELS = {"test_loss": "Test loss", "test_perplexity": "Test perplexity",
               "tokens_per_s": "Throughput (tokens/s)", "total_params": "Total parameters",
               "active_params": "Parameters active per token", "test_bits_per_byte": "Test bits per byte", "flops_per_token": "Training FLOPs per token",
               "tokens_seen": "Training tokens seen", "test_windows": "Test windows evaluated",
-              "test_tokens_evaluated": "Test tokens evaluated"}
+              "test_tokens_evaluated": "Test tokens evaluated",
+              "lang_last_word": "Last word, % exact (chance 0)", "lang_gender": "Gender agreement, % right (chance 50)",
+              "lang_number": "Number agreement, % right (chance 50)",
+              "lang_combined": "Language score (0 = chance, 100 = all right)"}
+# Rows of the language evaluation (langeval): an accuracy per arm, and per comparison the difference in
+# points with its paired 95% interval over the same items.
+LANG_TASKS = ("last_word", "gender", "number")
 
 # The study's Table 2 (two epochs of the paper preset on an NVIDIA Tesla P100, bf16 requested), kept
 # with the two arms it compared.
@@ -108,7 +114,69 @@ def table2(metrics: dict[str, dict]) -> pd.DataFrame:
         rows.append(row)
         if k == "test_loss" and all("test_loss_ci" in metrics[n] for n in names):
             rows.append({"metric": "test_loss_ci95", **{n: _half(metrics[n]) for n in names}})
+    rows += language_rows(metrics, [(a, b) for a, b, _ in pairs])
     return pd.DataFrame(rows).set_index("metric")
+
+
+def language_rows(metrics: dict[str, dict], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Table 2's rows of the language evaluation, where every arm has it on the same items."""
+    from .langeval import paired_accuracy
+    packs = {n: m.get("language") for n, m in metrics.items()}
+    if not all(packs.values()) or len({p["fingerprint"] for p in packs.values()}) != 1:
+        return []
+    tasks = [t for t in LANG_TASKS if all(t in p["tasks"] for p in packs.values())]
+    rows = []
+    for t in tasks:
+        row = {"metric": f"lang_{t}", **{n: 100 * p["tasks"][t]["accuracy"] for n, p in packs.items()}}
+        for a, b in pairs:
+            d = paired_accuracy(packs[a], packs[b], t)
+            col = variation_column(a, b)
+            row[col], row[col.replace("_pct", "_ci_low")], row[col.replace("_pct", "_ci_high")] = (
+                100 * d.mean, 100 * d.low, 100 * d.high)
+        rows.append(row)
+    if tasks:
+        row = {"metric": "lang_combined", **{n: 100 * p["combined"] for n, p in packs.items()}}
+        for a, b in pairs:
+            row[variation_column(a, b)] = row[b] - row[a]
+            row[variation_column(a, b).replace("_pct", "_ci_low")] = math.nan
+            row[variation_column(a, b).replace("_pct", "_ci_high")] = math.nan
+        rows.append(row)
+    return rows
+
+
+def _share(v: float) -> str:
+    return "no words generated" if math.isnan(v) else f"{100 * v:.1f}%"
+
+
+def language_table(metrics: dict[str, dict]) -> pd.DataFrame:
+    """Each language task: its chance level, items, and each arm's accuracy with its 95% interval over
+    items (Wilson); the last-word task's context-free baseline; the generation statistics."""
+    packs = {n: m["language"] for n, m in metrics.items() if m.get("language")}
+    if not packs:
+        return pd.DataFrame()
+    first = next(iter(packs.values()))
+    rows = []
+    for t in LANG_TASKS:
+        if t not in first["tasks"]:
+            continue
+        info = first["tasks"][t]
+        row = {"task": info["label"], "items": info["n"], "chance": f"{100 * info['chance']:.0f}%"}
+        for n, p in packs.items():
+            r = p["tasks"].get(t)
+            row[label(n)] = f"{100 * r['accuracy']:.1f}% [{100 * r['ci'][0]:.1f}, {100 * r['ci'][1]:.1f}]" if r else ""
+        rows.append(row)
+        if t == "last_word":
+            rows.append({"task": "last word, log-likelihood (nats)", "items": info["n"],
+                         "chance": f"{info['baseline_log_likelihood']:.2f} (word frequencies)",
+                         **{label(n): f"{p['tasks'][t]['log_likelihood']:.2f}" for n, p in packs.items()}})
+    rows.append({"task": "language score (centred on chance)", "items": "", "chance": "0",
+                 **{label(n): f"{100 * p['combined']:.1f}" for n, p in packs.items()}})
+    for key, what in (("in_vocabulary", "generated words found in the training split"),
+                      ("distinct_2", "distinct word pairs"), ("distinct_3", "distinct word triples"),
+                      ("repetition", "word triples repeated within a sample")):
+        rows.append({"task": f"generation: {what}", "items": first["generation"]["samples"], "chance": "",
+                     **{label(n): _share(p["generation"][key]) for n, p in packs.items()}})
+    return pd.DataFrame(rows).set_index("task")
 
 
 def _half(m: dict) -> float:
@@ -133,6 +201,8 @@ def save_table2(df: pd.DataFrame, run_dir: str | Path) -> Path:
 
 
 def _format_value(v: float, row: str, half: float | None = None) -> str:
+    if row.startswith("lang_"):
+        return f"{v:.1f}"
     if row == "test_loss":
         return f"{v:.4f}" + (f" ± {half:.4f}" if half is not None and not math.isnan(half) else "")
     if row == "test_perplexity":
@@ -142,11 +212,12 @@ def _format_value(v: float, row: str, half: float | None = None) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.1f}"
 
 
-def _variation_cell(v: float, low: float = math.nan, high: float = math.nan) -> str:
-    """'-1.63% [-1.80, -1.46]' where a paired interval exists, else '-1.6%'."""
+def _variation_cell(v: float, low: float = math.nan, high: float = math.nan, unit: str = "%") -> str:
+    """'-1.63% [-1.80, -1.46]' where a paired interval exists, else '-1.6%'; accuracies differ in
+    points ('+2.3 pts [+0.4, +4.2]')."""
     if math.isnan(low):
-        return f"{v:+.1f}%"
-    return f"{v:+.2f}% [{low:+.2f}, {high:+.2f}]"
+        return f"{v:+.1f}{unit}"
+    return f"{v:+.2f}{unit} [{low:+.2f}, {high:+.2f}]"
 
 
 def pretty(df: pd.DataFrame, memory_kind: str | None = None) -> pd.DataFrame:
@@ -165,7 +236,8 @@ def pretty(df: pd.DataFrame, memory_kind: str | None = None) -> pd.DataFrame:
     for col in [c for c in body.columns if c.endswith("_pct")]:
         b, a = col[:-len("_pct")].split("_vs_")
         low, high = (body.get(col.replace("_pct", s), pd.Series(math.nan, index=body.index)) for s in ("_ci_low", "_ci_high"))
-        out[f"{label(b)} vs {label(a)}"] = [_variation_cell(v, lo, hi) for v, lo, hi in zip(body[col], low, high)]
+        out[f"{label(b)} vs {label(a)}"] = [_variation_cell(v, lo, hi, " pts" if r.startswith("lang_") else "%")
+                                            for r, v, lo, hi in zip(body.index, body[col], low, high)]
     return out
 
 

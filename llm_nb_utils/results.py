@@ -10,6 +10,7 @@ import torch
 from .accounting import bits_per_byte, model_summary
 from .device import peak_memory
 from .evaluation import estimate
+from . import langeval
 from .generate import sample_generations
 from .prepare import load_meta
 
@@ -59,4 +60,7 @@ def final_metrics(p, s, folder) -> dict:
     if expert_counts:
         metrics["expert_utilisation"] = expert_shares(expert_counts)
     metrics["samples"] = sample_generations(p.model, "lisboa", cfg.sample_max_new_tokens, cfg.seed)
+    # Beyond perplexity: last words, agreement, generation (the same items for every arm and seed).
+    metrics["language"] = langeval.evaluate(p.model, folder.data, cfg, prec.device, log=lambda *_: None)
+    metrics["warnings"] = [*p.warnings, *metrics["language"]["warnings"]]
     return metrics

@@ -294,7 +294,8 @@ class Sweep:
                          "flops_per_token": m["flops_per_token"],
                          "training_flops": m["flops_per_token"] * m["tokens_seen"],
                          "train_time_s": m["train_time_s"], "steps": m["steps"], "tokens_seen": m["tokens_seen"],
-                         "device_name": m["device_name"], "dtype": m["dtype"]})
+                         "device_name": m["device_name"], "dtype": m["dtype"],
+                         "language_score": 100 * m["language"]["combined"] if m.get("language") else math.nan})
         return pd.DataFrame(rows), histories
 
 

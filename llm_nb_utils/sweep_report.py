@@ -24,6 +24,8 @@ def design_table(runs: pd.DataFrame) -> pd.DataFrame:
         for col, label, digits in (("test_loss", "Test loss", 4), ("test_perplexity", "Perplexity", 2),
                                    ("test_bits_per_byte", "Bits per byte", 4)):
             row[label] = _pm(*mean_ci(g[col].tolist()), digits)
+        if "language_score" in g and g["language_score"].notna().all():     # langeval, where every seed has it
+            row["Language score"] = _pm(*mean_ci(g["language_score"].tolist()), 1)
         row["Tokens/s"] = f"{g['tokens_per_s'].mean():,.0f}"
         row["Peak memory (MB)"] = f"{g['peak_memory_mb'].mean():,.0f}"
         first = g.iloc[0]

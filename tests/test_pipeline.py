@@ -76,7 +76,7 @@ def test_table2_columns_are_the_metrics_files_and_variation_is_signed(pipeline_r
     assert list(t2.columns) == [*ARM_NAMES, *(f"{b}_vs_{a}_{s}" for a, b in steps for s in ("pct", "ci_low", "ci_high"))]
     rows = ["test_loss", "test_perplexity", "train_time_s", "peak_memory_mb", "tokens_per_s", "test_bits_per_byte",
             "total_params", "active_params", "flops_per_token", "tokens_seen", "test_windows", "test_tokens_evaluated"]
-    assert list(t2.drop(index="test_loss_ci95").index) == rows
+    assert [r for r in t2.drop(index="test_loss_ci95").index if not r.startswith("lang_")] == rows
     assert t2.loc["test_windows", "gpt2"] == 128 and t2.loc["test_tokens_evaluated", "gpt2"] == 128 * 32
     for a, b in steps:
         col = f"{b}_vs_{a}"
@@ -209,3 +209,25 @@ def test_notebooks_are_committed_clean_and_share_their_parameters():
         assert assigned == names or (name == "06_sweep" and assigned > names), name   # 05 adds the sweep's
         logic = [c for c in code if c not in params and "bootstrap" not in c.metadata.get("tags", [])]
         assert all(len(c.source.splitlines()) <= 10 for c in logic), f"{name} has a long code cell"
+
+
+def test_the_metrics_carry_the_language_evaluation_and_table2_its_rows(pipeline_run, run_metrics):
+    """Every task scored with its items and interval, or left out with a warning (the six plays give
+    too few agreement pairs); the same items for every arm; Table 2's rows for the tasks scored."""
+    from llm_nb_utils import report
+    packs = {n: m["language"] for n, m in run_metrics.items()}
+    assert len({p["fingerprint"] for p in packs.values()}) == 1
+    for name, p in packs.items():
+        for task in ("last_word", "gender", "number"):
+            if task in p["tasks"]:
+                t = p["tasks"][task]
+                assert t["n"] == len(t["correct"]) >= 40 and t["ci"][0] <= t["accuracy"] <= t["ci"][1]
+            else:
+                assert any("left out" in w for w in p["warnings"]), (task, p["warnings"])
+                assert set(p["warnings"]) <= set(run_metrics[name]["warnings"])       # in the report's cautions
+        assert set(p["generation"]) >= {"in_vocabulary", "distinct_2", "distinct_3", "repetition"}
+    assert "last_word" in packs["gpt2"]["tasks"]
+    t2 = pd.read_csv(pipeline_run / "table2.csv", index_col="metric")
+    scored = [t for t in report.LANG_TASKS if t in packs["gpt2"]["tasks"]]
+    assert [i for i in t2.index if i.startswith("lang_")] == [f"lang_{t}" for t in scored] + ["lang_combined"]
+    assert t2.loc["lang_last_word", "gpt2"] == pytest.approx(100 * packs["gpt2"]["tasks"]["last_word"]["accuracy"])
