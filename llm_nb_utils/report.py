@@ -298,6 +298,15 @@ def composition_warnings(meta: dict) -> list[str]:
     return notes
 
 
+def token_cut(sentences: dict[str, str]) -> pd.DataFrame:
+    """Words, GPT-2 tokens and tokens per word of a few sentences (e.g. one meaning in two languages)."""
+    from .tokenizer import encode
+    rows = [{"sentence": name, "words": len(text.split()), "tokens": len(encode(text))} for name, text in sentences.items()]
+    out = pd.DataFrame(rows).set_index("sentence")
+    out["tokens per word"] = (out["tokens"] / out["words"]).round(2)
+    return out
+
+
 def tokens_per_word(meta: dict) -> pd.DataFrame:
     """GPT-2 tokens per whitespace-separated word and per byte of text, per split."""
     rows = {}

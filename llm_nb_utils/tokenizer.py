@@ -78,6 +78,9 @@ def decode(ids) -> str:
     return get_tokenizer().decode([int(i) for i in ids])
 
 
-def pieces(text: str) -> list[str]:
-    """How the BPE cuts `text`: the text of each token, in order."""
-    return [decode([i]) for i in encode(text)]
+def pieces(text: str, show_spaces: bool = False) -> list[str]:
+    """How the BPE cuts `text`: the text of each token, in order; with `show_spaces` a token's
+    leading space is drawn as ␣ (GPT-2 keeps the space before a word inside the word's token). A
+    character whose UTF-8 bytes fall into two tokens shows as � in each."""
+    out = [decode([i]) for i in encode(text)]
+    return [p.replace(" ", "␣", 1) if show_spaces and p.startswith(" ") else p for p in out]

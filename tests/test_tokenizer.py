@@ -29,3 +29,13 @@ def test_missing_ranks_gives_a_fix(monkeypatch, tmp_path):
         assert "r50k_base.tiktoken" in msg and tokenizer.R50K_CACHE_NAME in msg and "TIKTOKEN_CACHE_DIR" in msg
     finally:
         tokenizer.get_tokenizer.cache_clear()
+
+
+def test_pieces_show_the_leading_space_and_portuguese_takes_more_tokens_per_word():
+    from llm_nb_utils import report
+    from llm_nb_utils.tokenizer import pieces
+    cut = pieces("Disse-lhe que não", show_spaces=True)
+    assert "".join(cut).replace("␣", " ") == "Disse-lhe que não" and "␣que" in cut and "que" not in cut
+    t = report.token_cut({"pt": "Disse-lhe que não o faria, mas acabou por fazê-lo às pressas.",
+                          "en": "He told her that he would not do it, but he ended up doing it in a hurry."})
+    assert t.loc["pt", "tokens per word"] > 2 * t.loc["en", "tokens per word"]
