@@ -80,6 +80,28 @@ def route(model, ids: list[int], layer: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@torch.no_grad()
+def attention_weights(model, ids: list[int], layer: int = 0) -> torch.Tensor:
+    """GPT-2's attention weights (heads, tokens, tokens) in `layer` for the token ids `ids`: the
+    softmax of the masked, scaled query-key scores, recomputed from the block's input (the package's
+    fused attention never forms them)."""
+    block = model.blocks[layer]
+    seen = {}
+    hook = block.norm1.register_forward_hook(lambda m, inp, out: seen.update(x=out.detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.tensor([ids], device=next(model.parameters()).device))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    attn, x = block.attn, seen["x"]
+    t = x.shape[1]
+    q, k, _ = attn.qkv(x).view(1, t, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-2, -1) / attn.head_dim ** 0.5
+    return scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf")).softmax(-1)[0].cpu()
+
+
 def rope_scores(head_dim: int = 8, base: float = 10000.0, pairs=((0, 3), (5, 8), (20, 23), (0, 10))) -> pd.DataFrame:
     """q.k after rotary embedding for the same q and k vectors placed at several (m, n) positions:
     the score depends only on the distance n - m."""

@@ -104,6 +104,21 @@ def expert_utilisation(utilisation: list[list[float]]):
     return fig
 
 
+def attention_heatmap(weights, tokens: list[str], heads=(0, 1)):
+    """Attention weights of a few heads as token x token heatmaps: row = the token attending, column =
+    the token attended to (the upper triangle is empty: no token sees later ones)."""
+    fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads) + 0.8, 4.4), squeeze=False)
+    for ax, h in zip(axes[0], heads):
+        im = ax.imshow(weights[h].numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=8)
+        ax.set_yticks(range(len(tokens)), tokens, fontsize=8)
+        ax.set_title(f"head {h}")
+        ax.set_xlabel("attended to")
+    axes[0][0].set_ylabel("attending token")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="attention weight")
+    return fig
+
+
 def document_lengths(meta: dict):
     words = [f["words"] for f in meta["files"] if f["status"] == "kept"]
     fig, ax = plt.subplots(figsize=(7, 3.0))
