@@ -56,12 +56,10 @@ def kv_cache_bytes(cfg: Config, model_name: str, tokens: int = 1, bytes_per_valu
 
 
 @torch.no_grad()
-def route(model, ids: list[int], layer: int = 0) -> pd.DataFrame:
-    """For each token of `ids`, the experts the router of `layer` chose and their weights."""
-    from .tokenizer import decode
-    moe: MoEFeedForward = model.blocks[layer].moe
+def _input_of(module: nn.Module, model, ids: list[int]) -> torch.Tensor:
+    """What `module` receives when `model` reads the token ids `ids` (in eval mode)."""
     seen = {}
-    hook = moe.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0].detach()))
+    hook = module.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0].detach()))
     was_training = model.training
     model.eval()
     try:
@@ -69,7 +67,16 @@ def route(model, ids: list[int], layer: int = 0) -> pd.DataFrame:
     finally:
         hook.remove()
         model.train(was_training)
-    _, experts, weights = moe.router(seen["x"].reshape(-1, seen["x"].shape[-1]))
+    return seen["x"]
+
+
+@torch.no_grad()
+def route(model, ids: list[int], layer: int = 0) -> pd.DataFrame:
+    """For each token of `ids`, the experts the router of `layer` chose and their weights."""
+    from .tokenizer import decode
+    moe: MoEFeedForward = model.blocks[layer].moe
+    x = _input_of(moe, model, ids)
+    _, experts, weights = moe.router(x.reshape(-1, x.shape[-1]))
     rows = []
     for i, tok in enumerate(ids):
         row = {"token": repr(decode([tok]))[1:-1].replace(" ", "␣")}    # a leading space is part of the token
@@ -86,16 +93,7 @@ def attention_weights(model, ids: list[int], layer: int = 0) -> torch.Tensor:
     softmax of the masked, scaled query-key scores, recomputed from the block's input (the package's
     fused attention never forms them)."""
     block = model.blocks[layer]
-    seen = {}
-    hook = block.norm1.register_forward_hook(lambda m, inp, out: seen.update(x=out.detach()))
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.tensor([ids], device=next(model.parameters()).device))
-    finally:
-        hook.remove()
-        model.train(was_training)
-    attn, x = block.attn, seen["x"]
+    attn, x = block.attn, _input_of(block.attn, model, ids)
     t = x.shape[1]
     q, k, _ = attn.qkv(x).view(1, t, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     scores = q @ k.transpose(-2, -1) / attn.head_dim ** 0.5
