@@ -68,20 +68,26 @@ def loss_curves(metrics: dict[str, dict]):
 
 def expert_share_over_training(history: list[dict], num_experts: int):
     """Each expert's share of its layer's assignments at every evaluation point (validation batches)."""
-    points = [h for h in history if "expert_share" in h]
-    n_layers = len(points[0]["expert_share"])
-    fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers, 3.0), sharey=True)
-    axes = list(axes) if n_layers > 1 else [axes]
-    steps = [h["step"] for h in points]
-    for layer, ax in enumerate(axes):
-        for e in range(num_experts):
-            ax.plot(steps, [h["expert_share"][layer][e] for h in points], label=f"expert {e}")
-        ax.axhline(1 / num_experts, color="k", ls=":", lw=1)
-        ax.set_title(f"layer {layer}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("share of assignments")
-    handles, labels = axes[0].get_legend_handles_labels()
+    return expert_share_by_run({"": history}, num_experts)
+
+
+def expert_share_by_run(histories: dict[str, list[dict]], num_experts: int):
+    """`expert_share_over_training` for several runs, a row each (titled by its key), on one scale."""
+    rows = {run: [h for h in history if "expert_share" in h] for run, history in histories.items()}
+    n_layers = len(next(iter(rows.values()))[0]["expert_share"])
+    fig, axes = plt.subplots(len(rows), n_layers, figsize=(3.2 * n_layers, 3.0 * len(rows)), sharey=True,
+                             squeeze=False)
+    for (run, points), row in zip(rows.items(), axes):
+        steps = [h["step"] for h in points]
+        for layer, ax in enumerate(row):
+            for e in range(num_experts):
+                ax.plot(steps, [h["expert_share"][layer][e] for h in points], label=f"expert {e}")
+            ax.axhline(1 / num_experts, color="k", ls=":", lw=1)
+            ax.set_title(f"{run}{', ' if run else ''}layer {layer}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("share of assignments")
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper center", ncol=num_experts, fontsize=8, frameon=False)
     fig.set_layout_engine("constrained")
     return fig
@@ -116,6 +122,20 @@ def attention_heatmap(weights, tokens: list[str], heads=(0, 1)):
         ax.set_xlabel("attended to")
     axes[0][0].set_ylabel("attending token")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="attention weight")
+    return fig
+
+
+def route_heatmap(weights, layer: int):
+    """A router's choices as a token x expert heatmap (`anatomy.route`): each row a token, its
+    chosen experts coloured by their weight, the others blank."""
+    fig, ax = plt.subplots(figsize=(1.1 * weights.shape[1] + 2.6, 0.28 * len(weights) + 1.2))
+    shown = weights.to_numpy().copy()
+    shown[shown == 0] = float("nan")                         # not chosen: blank, not the colour of 0
+    im = ax.imshow(shown, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(weights.shape[1]), weights.columns, fontsize=9)
+    ax.set_yticks(range(len(weights)), weights.index, fontsize=8)
+    ax.set_title(f"layer {layer}: the experts each token went to", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="router weight")
     return fig
 
 
@@ -156,14 +176,23 @@ def sweep_loss_vs_cost(means):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, col, xlabel, div in ((axes[0], "active_params", "parameters active per token (millions)", 1e6),
                                  (axes[1], "training_flops", f"training compute per run ({unit})", scale)):
+        seen = set()
         for _, r in means.iterrows():
             ax.errorbar(r[col] / div, r["test_loss"], yerr=None if r["ci"] != r["ci"] else r["ci"],
-                        fmt=ARMS[r["model"]].marker, color=COLORS[r["model"]], capsize=3)
+                        fmt=ARMS[r["model"]].marker, color=COLORS[r["model"]], capsize=3,
+                        label=None if r["model"] in seen else ARMS[r["model"]].label)
+            seen.add(r["model"])
             ax.annotate(r["design"].replace("MoE-GQA ", ""), (r[col] / div, r["test_loss"]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
+        # Costs within a few % of each other drawn across the whole axis would look like a wide range:
+        # the axis spans at least a fifth of the largest cost, so distances read in proportion.
+        x = means[col] / div
+        pad = max(0.1 * x.max(), 0.15 * (x.max() - x.min()))
+        ax.set_xlim(x.min() - pad, x.max() + pad)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test loss (nats per token)")
+    axes[0].legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
 

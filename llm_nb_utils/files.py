@@ -124,6 +124,30 @@ def shown(path: str | Path, base: str | Path) -> str:
         return str(path)
 
 
+def repository_of(path: str | Path) -> Path | None:
+    """The git checkout holding `path` (the nearest folder above it with a .git), or None."""
+    for folder in Path(path).resolve().parents:
+        if (folder / ".git").exists():
+            return folder
+    return None
+
+
+def without_machine_paths(files, roots) -> None:
+    """Rewrite each text file of `files` with every `root` folder's absolute path left out, so
+    that an executed notebook or log kept in a repository names its folders from that repository
+    ("docs/run/...") and not by the layout of the machine that ran it. Missing files are skipped."""
+    prefixes = sorted({str(Path(r).resolve()) + "/" for r in roots if r}, key=len, reverse=True)
+    for f in map(Path, files):
+        if not f.is_file():
+            continue
+        text = f.read_text(encoding="utf-8", errors="replace")
+        portable = text
+        for prefix in prefixes:
+            portable = portable.replace(prefix, "")
+        if portable != text:
+            write_atomic(f, portable)
+
+
 def free_bytes(folder: str | Path) -> int:
     folder = Path(folder)
     while not folder.exists() and folder != folder.parent:

@@ -23,8 +23,8 @@ from pathlib import Path
 from .config import ConfigError, config_arguments, config_from_arguments
 from .device import DeviceError, resolve_device
 from .distributed import Dist, resolve_gpus
-from .env import NOTEBOOK_DIR, default_run_dir
-from .files import StorageError, check_writable, write_atomic
+from .env import NOTEBOOK_DIR, REPO, default_run_dir
+from .files import StorageError, check_writable, repository_of, without_machine_paths, write_atomic
 from .lock import RunLocked
 from .errors import SuiteError
 from .runfolder import RunFolder
@@ -141,6 +141,13 @@ def render_html(notebook: Path, html: Path) -> Path:
     return write_atomic(html, body)
 
 
+def _keep(partial: Path, executed: Path, kernel_log: Path, folder: RunFolder) -> None:
+    """The executed notebook under its final name, it and its kernel's log naming the package's
+    and the run folder's repositories relatively (papermill records absolute paths)."""
+    os.replace(partial, executed)
+    without_machine_paths([executed, kernel_log], [REPO, repository_of(folder.path)])
+
+
 def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True, kernel: str = "python3",
                  log=print, verbose: bool = False, stdout=None, stderr=None) -> list[Path]:
     """Execute `notebooks` in order; stop at the first failure with the notebook, cell and error.
@@ -172,7 +179,7 @@ def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True
                                     cwd=str(src.parent), progress_bar=False, log_output=False,
                                     stdout_file=stdout or sys.stdout, stderr_file=stderr or sys.stderr, **quiet)
             except PapermillExecutionError as e:
-                os.replace(partial, executed)
+                _keep(partial, executed, kernel_log, folder)
                 if html:
                     render_html(executed, folder.reports / f"{name}.html")
                 if interrupts.hit or e.ename in ("KeyboardInterrupt", "TrainingInterrupted", "PipelineInterrupted"):
@@ -183,12 +190,12 @@ def run_pipeline(params: dict, out: Path, notebooks=NOTEBOOKS, html: bool = True
                     f"{executed}. Fix the cause and re-run the same command: finished work is reused.") from None
             except Exception as e:        # the kernel died (killed, out of memory) or could not start
                 if partial.exists():
-                    os.replace(partial, executed)
+                    _keep(partial, executed, kernel_log, folder)
                 raise PipelineError(f"notebook {name} stopped: {type(e).__name__}: {e}. Re-run the same "
                                     "command: finished work is reused.") from None
             finally:
                 interrupts.kernel_pgid = None
-            os.replace(partial, executed)
+            _keep(partial, executed, kernel_log, folder)
             log(f"[pipeline] {name}: done in {time.perf_counter() - t0:.1f} s")
             if html:
                 reports.append(render_html(executed, folder.reports / f"{name}.html"))
@@ -269,9 +276,11 @@ def main(argv=None) -> int:
         if args.preset == "auto":
             print(f"[pipeline] preset: {preset} ({why}); choose another with --preset paper, small or smoke")
         arms = parse_arms(args.arms)
-        if len(arms) < 2:
+        if len(arms) < 2 and "05_compare_and_report" in (args.only or NOTEBOOKS):
             raise ConfigError(f"--arms {' '.join(args.arms)}: the comparison needs at least two arms (of "
-                              f"{', '.join(ARM_NAMES)}). Fix: name two or more, or leave --arms out for all.")
+                              f"{', '.join(ARM_NAMES)}). Fix: name two or more, leave --arms out for all, or "
+                              "leave the comparison out with --only (e.g. --only 01_data_prep "
+                              f"{ARMS[arms[0]].notebook}).")
         resolve_device(cfg.device)
         Dist(world_size=resolve_gpus(args.gpus, cfg.device)).check_batch(cfg.batch_size)
     except ConfigError as e:

@@ -32,7 +32,8 @@ import pandas as pd
 
 from .arms import ARMS, REFERENCE, parse_arms
 from .config import Config, ConfigError, changed_settings
-from .files import DamagedFileError, StorageError, read_json, write_json
+from .env import REPO
+from .files import DamagedFileError, StorageError, read_json, repository_of, without_machine_paths, write_json
 from .progress import format_duration
 from .runfolder import RunFolder
 from .steptime import seconds_per_step
@@ -212,25 +213,43 @@ class Sweep:
         return max(1, tokens // self.cfg.stride)
 
     def estimate(self, max_hours: float = KAGGLE_SESSION_HOURS) -> float:
-        """Print the runs, the time per run and in total; warn past `max_hours` or a Kaggle session."""
+        """Print the runs, the time per run and in total; warn past `max_hours` or a Kaggle session.
+        Each estimate is kept in estimates.json, so that a later look at the sweep still shows its plan."""
         todo = [p for p in self.points if not self.finished(p)]
-        self.measure(todo)
-        total = sum(self.run_seconds(p) for p in todo)
         self.log(f"sweep: {len(self.points)} runs of {self.steps:,} steps ({self.tokens_per_run:,} training tokens) "
                  f"each; {len(self.points) - len(todo)} done, {len(todo)} to run")
-        if not todo:
-            return 0.0
-        for design, s in self.step_s.items():
-            p = next(p for p in self.points if p.design == design)
-            self.log(f"  {design}: {s:.3f} s/step measured -> about {format_duration(self.run_seconds(p))} per run")
-        self.log(f"  estimated total: {format_duration(total)} (training and evaluation, plus each run's "
-                 "notebook start: a new kernel and its imports)")
+        earlier = self.earlier_estimates()
+        total = 0.0
+        if todo:
+            self.measure(todo)
+            total = sum(self.run_seconds(p) for p in todo)
+            for design, s in self.step_s.items():
+                p = next(p for p in self.points if p.design == design)
+                self.log(f"  {design}: {s:.3f} s/step measured -> about {format_duration(self.run_seconds(p))} per run")
+            self.log(f"  estimated total: {format_duration(total)} (training and evaluation, plus each run's "
+                     "notebook start: a new kernel and its imports)")
+            self.keep_estimate(len(todo), total)
+        for e in earlier:
+            per_design = ", ".join(f"{d} {s:.3f} s/step" for d, s in e["s_per_step"].items())
+            self.log(f"  estimated {e['when']} on {e['device']}, {e['to_run']} to run: "
+                     f"{format_duration(e['total_s'])} ({per_design})")
         for limit, what in ((max_hours, f"max_hours={max_hours:g}"), (KAGGLE_SESSION_HOURS, "a Kaggle session (12 h)")):
             if total > limit * 3600:
                 self.log(f"warning: the estimated {format_duration(total)} exceed {what}. The sweep stops cleanly "
                          "when cut off and the same command continues it; or lower the budget or the seeds.")
                 break
         return total
+
+    def earlier_estimates(self) -> list[dict]:
+        path = self.folder / "estimates.json"
+        return read_json(path, "delete estimates.json (it only keeps earlier estimates)") if path.exists() else []
+
+    def keep_estimate(self, to_run: int, total_s: float) -> None:
+        from .device import resolve_device, resolve_precision
+        device = resolve_precision(self.cfg.dtype, resolve_device(self.cfg.device), self.cfg.force_dtype).device_name
+        record = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
+                  "to_run": to_run, "total_s": round(total_s), "s_per_step": {d: round(s, 4) for d, s in self.step_s.items()}}
+        write_json(self.folder / "estimates.json", [*self.earlier_estimates(), record])
 
     # --- running -------------------------------------------------------------------------------------
     def link_data(self, p: Point) -> None:
@@ -271,6 +290,7 @@ class Sweep:
                     self.log(f"{head}: FAILED ({str(e).splitlines()[0]}); its log: runs/{p.name}/logs/output.log. "
                              "The sweep goes on; a re-run retries it.")
                     continue
+            without_machine_paths([logs / "output.log"], [REPO, repository_of(run)])
             m = self.finished(p)
             est = f" (estimated {format_duration(self.run_seconds(p))})" if p.design in self.step_s else ""
             self.log(f"{head}: test loss {m['test_loss']:.4f} in {format_duration(time.perf_counter() - t0)}{est}")

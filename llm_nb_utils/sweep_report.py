@@ -143,6 +143,25 @@ def conclusion(runs: pd.DataFrame, steps: int, tokens: int) -> str:
     return head + " ".join(lines) + tail
 
 
+def lowest_design(runs: pd.DataFrame) -> str:
+    """The design with the lowest mean test loss and whether the seeds tell it from the next lowest
+    (paired by seed): a figure's caption that names no winner the test does not support."""
+    means = runs.groupby("design", sort=False)["test_loss"].mean().sort_values()
+    best = means.index[0]
+    if len(means) == 1:
+        return f"One design: {best}, mean test loss {means[best]:.4f}."
+    second = means.index[1]
+    head = f"Lowest mean test loss: {best} ({means[best]:.4f}), then {second} ({means[second]:.4f})"
+    d = _paired(runs, best, second)
+    if d is None or d.n < 2:
+        return head + "; with fewer than two shared seeds, nothing says whether that order is more than luck."
+    gap = (f"{second} − {best} = {d.mean:+.4f}, 95% interval [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {d.n} "
+           f"seed pairs, p = {d.p:.3f}")
+    if d.covers_zero:
+        return head + f"; the seeds cannot tell the two apart ({gap})."
+    return head + f"; the gap exceeds the seeds' noise ({gap})."
+
+
 def final_validation(runs: pd.DataFrame, histories: dict[str, list]) -> str:
     """'GPT-2 5.068, MoE-GQA 4x2 (512) 5.049': each design's mean validation loss at its last point."""
     last = runs.assign(val=runs["run"].map(lambda r: histories[r][-1]["val_loss"])).groupby("design", sort=False)["val"]

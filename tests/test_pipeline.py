@@ -75,7 +75,8 @@ def test_table2_columns_are_the_metrics_files_and_variation_is_signed(pipeline_r
     steps = [("gpt2", "dense_gqa"), ("dense_gqa", "moe_gqa"), ("gpt2", "moe_gqa")]   # architecture, experts, both
     assert list(t2.columns) == [*ARM_NAMES, *(f"{b}_vs_{a}_{s}" for a, b in steps for s in ("pct", "ci_low", "ci_high"))]
     rows = ["test_loss", "test_perplexity", "train_time_s", "peak_memory_mb", "tokens_per_s", "test_bits_per_byte",
-            "total_params", "active_params", "flops_per_token", "tokens_seen", "test_windows", "test_tokens_evaluated"]
+            "total_params", "active_params", "flops_per_token", "tokens_seen", "test_windows", "test_tokens_evaluated",
+            "rss_before_model_mb", "memory_added_mb"]                       # the last two: a CPU run's
     assert [r for r in t2.drop(index="test_loss_ci95").index if not r.startswith("lang_")] == rows
     assert t2.loc["test_windows", "gpt2"] == 128 and t2.loc["test_tokens_evaluated", "gpt2"] == 128 * 32
     for a, b in steps:
@@ -170,6 +171,14 @@ def test_exports_and_figures_are_written(pipeline_run):
     assert not [p for p in pipeline_run.rglob(".*.tmp") if "wandb" not in p.parts]   # every atomic write completed
 
 
+def test_executed_notebooks_do_not_record_where_the_package_sits(pipeline_run):
+    """papermill writes the notebook's absolute input path; the kept notebook names it from the
+    repository, as a notebook published in docs/ must."""
+    for name in NOTEBOOKS:
+        text = (pipeline_run / "notebooks" / f"{name}.ipynb").read_text()
+        assert f"{REPO}/" not in text and '"input_path": "notebooks/' in text, name
+
+
 def test_rerun_reuses_finished_work(pipeline_run, tiny_corpus):
     assert main(["--preset", "smoke", "--corpus-dir", str(tiny_corpus), "--out", str(pipeline_run),
                  "--set", "device=cpu", "--only", "01_data_prep", "02_gpt2_baseline", "--no-html"]) == 0
@@ -194,6 +203,8 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys):
     assert main(["--preset", "smoke", "--out", str(tmp_path / "run"), "--set", "n_kv_groups=3"]) == 2
     assert "divisible by n_kv_groups" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "run"), "--arms", "moe_gqa"]) == 2
+    assert "needs at least two arms" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_notebooks_are_committed_clean_and_share_their_parameters():

@@ -58,3 +58,16 @@ def test_settings_have_one_serialised_form():
     assert Config.from_dict(cfg.to_dict()).split_ratios == cfg.split_ratios
     with pytest.raises(ConfigError, match="unknown setting.*n_layer\\b"):
         Config.from_dict({**cfg.to_dict(), "n_layer": 3})
+
+
+def test_machine_paths_are_left_out_of_kept_files(tmp_path):
+    from llm_nb_utils.files import repository_of, without_machine_paths
+    repo = tmp_path / "clone"
+    (repo / ".git").mkdir(parents=True)
+    run = repo / "docs" / "run"
+    run.mkdir(parents=True)
+    log = run / "output.log"
+    log.write_text(f"llm_nb_utils from {tmp_path}/pkg/llm_nb_utils\nrun directory {run}/metrics\n{tmp_path}/other\n")
+    assert repository_of(run) == repo
+    without_machine_paths([log, run / "missing.ipynb"], [tmp_path / "pkg", repository_of(run)])
+    assert log.read_text() == f"llm_nb_utils from llm_nb_utils\nrun directory docs/run/metrics\n{tmp_path}/other\n"

@@ -116,6 +116,12 @@ def test_the_estimate_counts_what_is_left_and_warns_past_the_limit(tmp_path):
     assert not any("warning" in l for l in lines)
     sw.estimate(max_hours=0.01)
     assert "exceed max_hours=0.01" in lines[-1]
+    # every estimate is kept: once all is done, the report still shows what was planned
+    sw.finished = lambda p: {"steps": 10}
+    lines.clear()
+    assert sw.estimate() == 0.0
+    assert lines[0].endswith("6 done, 0 to run") and len(lines) == 3
+    assert " on CPU" in lines[1] and "), 6 to run: 3 min 30 s (GPT-2 1.000 s/step, Dense-GQA 1.500 s/step, MoE-GQA 4x2 (128) 2.000 s/step)" in lines[1]
 
 
 # --- the report ----------------------------------------------------------------------------------------
@@ -203,3 +209,14 @@ def test_a_smoke_sweep_interrupted_and_continued_through_papermill(tiny_corpus, 
         assert stray not in html, stray
     images = re.findall(r"<img [^>]*>", html)
     assert len(images) == 2 and all('alt="' in i for i in images)
+
+
+def test_the_lowest_design_is_named_with_what_the_seeds_say():
+    clear = fake_runs([5.0, 5.1, 5.2], [4.9, 4.95, 5.1])           # MoE lower in every seed pair
+    text = sweep_report.lowest_design(clear)
+    assert text.startswith("Lowest mean test loss: MoE-GQA 4x2 (512) (4.9833), then GPT-2 (5.1000)")
+    assert "exceeds the seeds' noise (GPT-2 − MoE-GQA 4x2 (512) = +0.1167" in text
+    noisy = sweep_report.lowest_design(fake_runs([5.0, 5.1, 5.2], [5.1, 4.9, 5.15]))
+    assert "the seeds cannot tell the two apart" in noisy
+    one = sweep_report.lowest_design(fake_runs([5.0], [4.9]))
+    assert "fewer than two shared seeds" in one
