@@ -5,6 +5,10 @@ The notebooks call these and show their results; the tests check them against ha
 """
 from __future__ import annotations
 
+import statistics
+import time
+from contextlib import contextmanager
+
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -72,19 +76,15 @@ def _input_of(module: nn.Module, model, ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def route(model, ids: list[int], layer: int = 0) -> pd.DataFrame:
-    """For each token of `ids`, the experts the router of `layer` chose and their weights."""
+    """For each token of `ids` (rows), the weight the router of `layer` gave each expert (columns):
+    the renormalised weights of the `num_experts_per_token` chosen, 0 for the others."""
     from .tokenizer import decode
     moe: MoEFeedForward = model.blocks[layer].moe
     x = _input_of(moe, model, ids)
     _, experts, weights = moe.router(x.reshape(-1, x.shape[-1]))
-    rows = []
-    for i, tok in enumerate(ids):
-        row = {"token": repr(decode([tok]))[1:-1].replace(" ", "␣")}    # a leading space is part of the token
-        for k in range(experts.shape[1]):
-            row[f"expert {k + 1}"] = int(experts[i, k])
-            row[f"weight {k + 1}"] = round(float(weights[i, k]), 3)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    chosen = torch.zeros(len(ids), moe.num_experts).scatter(1, experts.cpu(), weights.float().cpu())
+    tokens = [f"{i}: " + decode([t]).replace(" ", "␣") for i, t in enumerate(ids)]    # a leading space is part of the token
+    return pd.DataFrame(chosen.numpy(), index=tokens, columns=[f"expert {e}" for e in range(moe.num_experts)])
 
 
 @torch.no_grad()
@@ -173,4 +173,58 @@ def kv_cache_table(cfg: Config, bytes_per_value: int = 2) -> pd.DataFrame:
                        "bytes per token": f"{per_token:,}",
                        f"one sequence of {cfg.context_length} tokens": _size(per_token * cfg.context_length),
                        f"a batch of {cfg.batch_size}": _size(per_token * cfg.context_length * cfg.batch_size)}
+    return pd.DataFrame(rows).T
+
+
+@contextmanager
+def _evaluating(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def kv_cache_measured(models: dict[str, nn.Module], prompt_ids: list[int], new_tokens: int) -> pd.DataFrame:
+    """The KV cache as it is, not as the formula says: each arm's model reads the prompt into a real
+    KVCache and then decodes `new_tokens` greedily one token at a time; the bytes the cache then holds
+    beside `kv_cache_bytes` for the same tokens and value width (the model's own dtype)."""
+    rows = {}
+    for name, model in models.items():
+        cache, step = model.new_cache(), torch.tensor([prompt_ids], device=next(model.parameters()).device)
+        with _evaluating(model):
+            for _ in range(new_tokens):
+                step = model(step, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        width = next(model.parameters()).element_size()
+        formula = kv_cache_bytes(model.cfg, name, cache.length(), width)
+        rows[ARMS[name].label] = {"tokens cached": cache.length(), "key/value heads per layer": kv_heads(model.cfg, name),
+                                  "bytes held (measured)": f"{cache.nbytes():,}", "formula": f"{formula:,}",
+                                  "per token": f"{cache.nbytes() // cache.length():,} B ({width} B a value)",
+                                  "equal": cache.nbytes() == formula}
+    return pd.DataFrame(rows).T
+
+
+def generation_speed(models: dict[str, nn.Module], prompt_ids: list[int], new_tokens: int,
+                     rounds: int = 3) -> pd.DataFrame:
+    """Greedy decoding of `new_tokens` with the KV cache and without it (each step rereads the whole
+    window), arms and modes interleaved over `rounds` so that a change in the machine's load falls on
+    all of them; the median tokens/s of each, and whether both modes wrote the same tokens."""
+    from .generate import generate
+    seconds = {(name, cached): [] for name in models for cached in (True, False)}
+    tokens = {}
+    for _ in range(rounds):
+        for name, model in models.items():
+            for cached in (True, False):
+                t0 = time.perf_counter()
+                tokens[name, cached] = generate(model, prompt_ids, new_tokens, use_cache=cached)[0].tolist()
+                seconds[name, cached].append(time.perf_counter() - t0)    # .tolist() waited for the device
+    rows = {}
+    for name in models:
+        with_cache, without = (new_tokens / statistics.median(seconds[name, c]) for c in (True, False))
+        rows[ARMS[name].label] = {"tokens/s with the cache": round(with_cache, 1),
+                                  "tokens/s without": round(without, 1),
+                                  "speed-up": f"{with_cache / without:.2f}x",
+                                  "same tokens": tokens[name, True] == tokens[name, False]}
     return pd.DataFrame(rows).T

@@ -33,6 +33,7 @@ from .distributed import Dist
 from .errors import SuiteError, TrainingInterrupted
 from .evaluation import periodic_sample, test_sample, window_losses
 from .files import DamagedFileError, shown
+from .memory import rss_mb
 from .progress import TrainingProgress
 from .results import expert_shares, final_metrics
 from .runfolder import RunFolder
@@ -76,6 +77,9 @@ class Pieces:
     eval_samples: dict          # split -> EvalSample: the windows every evaluation reads
     total_steps: int
     warnings: list
+    # On a CPU, the process's resident memory before the model was built: the interpreter, torch and
+    # the data, which the peak RSS also counts; None on a GPU, whose peak counts the model alone.
+    rss_before_model_mb: float | None = None
 
     def losses_on(self, split: str, expert_counts: list | None = None) -> np.ndarray:
         """Each window's loss on this split's evaluation sample (float64)."""
@@ -87,6 +91,7 @@ def build_pieces(name: str, cfg: Config, folder: RunFolder, dist: Dist) -> Piece
     dist.check_batch(cfg.batch_size)
     prec = resolve_precision(cfg.dtype, dist.device, cfg.force_dtype)
     loaders = load_splits(folder.data, cfg, pin_memory=prec.device.type == "cuda")
+    rss_before = rss_mb() if prec.device.type == "cpu" else None
     model = build_model(name, cfg).to(prec.device)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(loaders["train"])
@@ -97,7 +102,7 @@ def build_pieces(name: str, cfg: Config, folder: RunFolder, dist: Dist) -> Piece
     samples["test"] = test_sample(len(loaders["test"].dataset), cfg, warnings)
     return Pieces(name, cfg, dist, prec, loaders, model, optimizer, make_schedule(optimizer, cfg, total_steps),
                   torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler), samples, total_steps,
-                  warnings)
+                  warnings, rss_before)
 
 
 def run_training(name: str, cfg: Config, folder: RunFolder, dist: Dist, resume: bool = True, progress: bool = True,

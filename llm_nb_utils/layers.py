@@ -101,6 +101,10 @@ class KVCache:
         """Tokens cached so far for `layer` (layers are updated one after another in a step)."""
         return 0 if self.keys[layer] is None else self.keys[layer].shape[-2]
 
+    def nbytes(self) -> int:
+        """Bytes the cached keys and values hold now, over all layers."""
+        return sum(t.nelement() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self.keys[layer] is not None:
             k = torch.cat([self.keys[layer], k], dim=-2)

@@ -18,6 +18,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
 
 
+def rss_mb() -> float | None:
+    """Resident memory of this process now (Linux VmRSS), None where /proc does not say."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def reset_peak_rss() -> bool:
     """Start a new peak from the current RSS (Linux >= 4.0); False where that is not possible."""
     try:

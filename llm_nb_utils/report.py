@@ -14,7 +14,7 @@ from .runfolder import MissingRunFile, RunFolder
 LABELS = {n: a.label for n, a in ARMS.items()}
 STUDY_ROWS = ["test_loss", "test_perplexity", "train_time_s", "peak_memory_mb", "tokens_per_s"]
 EXTRA_ROWS = ["test_bits_per_byte", "total_params", "active_params", "flops_per_token", "tokens_seen",
-              "test_windows", "test_tokens_evaluated"]
+              "test_windows", "test_tokens_evaluated", "rss_before_model_mb", "memory_added_mb"]
 # Rows whose variation has a paired interval over the test windows (all three are functions of the mean loss).
 PAIRED_ROWS = ("test_loss", "test_perplexity", "test_bits_per_byte")
 ROW_LABELS = {"test_loss": "Test loss", "test_perplexity": "Test perplexity",
@@ -23,6 +23,8 @@ ROW_LABELS = {"test_loss": "Test loss", "test_perplexity": "Test perplexity",
               "active_params": "Parameters active per token", "test_bits_per_byte": "Test bits per byte", "flops_per_token": "Training FLOPs per token",
               "tokens_seen": "Training tokens seen", "test_windows": "Test windows evaluated",
               "test_tokens_evaluated": "Test tokens evaluated",
+              "rss_before_model_mb": "RAM before the model was built, RSS (MB)",
+              "memory_added_mb": "RAM the model and training added (MB)",
               "lang_last_word": "Last word, % exact (chance 0)", "lang_gender": "Gender agreement, % right (chance 50)",
               "lang_number": "Number agreement, % right (chance 50)",
               "lang_combined": "Language score (0 = chance, 100 = all right)"}
@@ -400,8 +402,11 @@ def summary(metrics: dict, name: str) -> pd.Series:
     memory = "Peak VRAM (MB)" if metrics["peak_memory_kind"].startswith("cuda") else "Peak RAM, process RSS (MB)"
     rows.update({"Training steps": f"{metrics['steps']:,}", "Training tokens seen": f"{metrics['tokens_seen']:,}",
                  "Total training time (s)": f"{metrics['train_time_s']:,.1f}",
-                 "Throughput (tokens/s)": f"{metrics['tokens_per_s']:,.0f}", memory: f"{metrics['peak_memory_mb']:,.0f}",
-                 "Precision used": metrics["dtype"]})
+                 "Throughput (tokens/s)": f"{metrics['tokens_per_s']:,.0f}", memory: f"{metrics['peak_memory_mb']:,.0f}"})
+    if "memory_added_mb" in metrics:
+        rows[ROW_LABELS["rss_before_model_mb"]] = f"{metrics['rss_before_model_mb']:,.0f}"
+        rows[ROW_LABELS["memory_added_mb"]] = f"{metrics['memory_added_mb']:,.0f}"
+    rows["Precision used"] = metrics["dtype"]
     return pd.Series(rows, name=LABELS.get(name, name))
 
 
@@ -568,12 +573,18 @@ def discussion(metrics: dict[str, dict], speed: dict | None = None) -> str:
                      for n, m in others)
     memory = "; ".join(f"{label(n)} {variation_pct(g['peak_memory_mb'], m['peak_memory_mb']):+.1f}% "
                        f"({m['peak_memory_mb']:,.0f} MB)" for n, m in others)
+    memory += f"; the study: {label(b)} {study_dmem:+.1f}% in VRAM"
+    if all("memory_added_mb" in m for m in metrics.values()):
+        memory += (f". The peak RSS counts the interpreter, torch and the data ({g['rss_before_model_mb']:,.0f} MB "
+                   f"before {label(ref)}'s model was built); what the model and training added: {label(ref)} "
+                   f"{g['memory_added_mb']:,.0f} MB, " + ", ".join(
+                       f"{label(n)} {m['memory_added_mb']:,.0f} MB ({variation_pct(g['memory_added_mb'], m['memory_added_mb']):+.1f}%)"
+                       for n, m in others))
     lines = [
         quality_line(metrics),
         f"- **Cost per token.** {label(ref)}: {g['total_params'] / 1e6:.1f} M parameters, all active; {cost}.",
         speed_line(metrics, speed),
-        f"- **Memory.** Peak memory against {label(ref)} ({g['peak_memory_mb']:,.0f} MB, {kind}): {memory}; "
-        f"the study: {label(b)} {study_dmem:+.1f}% in VRAM.",
+        f"- **Memory.** Peak memory against {label(ref)} ({g['peak_memory_mb']:,.0f} MB, {kind}): {memory}.",
     ]
     seen = {(m["steps"], m["tokens_seen"]) for m in metrics.values()}
     if len(seen) > 1:

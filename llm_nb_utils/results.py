@@ -54,6 +54,9 @@ def final_metrics(p, s, folder) -> dict:
         # Each test window's loss, in the sample's order: the paired comparisons of notebook 05.
         "test_window_losses": [round(float(v), 6) for v in losses],
     }
+    if p.rss_before_model_mb is not None:     # what the model and training add to the process's resident memory
+        before = dist.gather_floats(p.rss_before_model_mb, prec.device)[per_rank.index(max(per_rank))]
+        metrics.update(rss_before_model_mb=before, memory_added_mb=max(per_rank) - before)
     test_split = load_meta(folder.data)["splits"]["test"]
     if test_split.get("bytes"):
         metrics["test_bits_per_byte"] = bits_per_byte(test.mean, test_split["tokens"], test_split["bytes"])

@@ -50,12 +50,25 @@ def test_rope_scores_depend_only_on_the_distance():
     assert abs(scores["q . k"].iloc[3] - scores["q . k"].iloc[0]) > 1e-3
 
 
-def test_route_names_each_tokens_experts_and_weights():
+def test_route_gives_each_token_its_chosen_experts_weights():
     c = make_config("smoke", device="cpu")
     model = build_model("moe_gqa", c)
     table = anatomy.route(model, [31, 3815, 64, 1492], layer=1)
-    assert list(table.columns) == ["token", "expert 1", "weight 1", "expert 2", "weight 2"]
-    assert len(table) == 4 and (table["expert 1"] != table["expert 2"]).all()
-    assert ((table["weight 1"] + table["weight 2"]) - 1).abs().max() < 2e-3 and (table["weight 1"] >= table["weight 2"]).all()
-    assert table["expert 1"].between(0, 3).all()
+    assert list(table.columns) == [f"expert {e}" for e in range(c.num_experts)] and len(table) == 4
+    assert table.index[0] == "0: @" and table.index[3] == "3: ␣book"        # ␣: the token's leading space
+    assert ((table > 0).sum(axis=1) == c.num_experts_per_token).all()       # k experts a token, the rest 0
+    assert (table.sum(axis=1) - 1).abs().max() < 2e-3                       # renormalised weights
     assert model.training                                                # left in the mode it was in
+
+
+def test_the_measured_kv_cache_holds_what_the_formula_says():
+    """A real KVCache after greedy decoding: GPT-2 holds every head's keys and values, the GQA arms
+    n_kv_groups heads, byte for byte."""
+    c = make_config("smoke", device="cpu")
+    models = {n: build_model(n, c) for n in ("gpt2", "dense_gqa", "moe_gqa")}
+    table = anatomy.kv_cache_measured(models, [31, 3815, 64], new_tokens=10)
+    assert (table["tokens cached"] == 12).all() and table["equal"].all()
+    held = table["bytes held (measured)"].str.replace(",", "").astype(int)
+    assert held.iloc[0] == 2 * held.iloc[1] == 2 * 2 * c.n_layers * c.n_kv_groups * c.head_dim * 4 * 12
+    speed = anatomy.generation_speed(models, [31, 3815, 64], new_tokens=5, rounds=1)
+    assert speed["same tokens"].all() and (speed["tokens/s with the cache"] > 0).all()

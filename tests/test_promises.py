@@ -307,6 +307,9 @@ def test_every_branch_of_the_discussion():
     cpu = report.discussion(metrics_pair(gpt2__preset="small", gpt2__device="cpu", gpt2__device_name="CPU (x86_64)",
                                          gpt2__peak_memory_kind="process_peak_rss_mb"))
     assert "`small` preset on CPU (x86_64)" in cpu and "process peak RSS" in cpu
+    added = report.discussion(metrics_pair(gpt2__rss_before_model_mb=400.0, gpt2__memory_added_mb=600.0,
+                                           moe_gqa__rss_before_model_mb=400.0, moe_gqa__memory_added_mb=500.0))
+    assert "(400 MB before GPT-2 baseline's model was built)" in added and "MoE-GQA 500 MB (-16.7%)" in added
     warned = report.discussion(metrics_pair(gpt2__warnings=["only 30 training steps"]))
     assert "Caution (GPT-2 baseline):** only 30 training steps." in warned
     timed = {"gpt2": [[1.0, 1.0], [1.2, 1.2]], "moe_gqa": [[2.0, 2.0], [2.0, 2.0]]}

@@ -45,6 +45,9 @@ def test_smoke_training_learns_and_writes_the_metrics_contract(run, name):
     assert saved["test_perplexity"] == pytest.approx(math.exp(saved["test_loss"]))
     assert saved["steps"] == 30 and saved["tokens_seen"] == 30 * 4 * 32
     assert saved["peak_memory_kind"] == "process_peak_rss_mb" and saved["peak_memory_mb"] > 0
+    # what the model and training add: the peak less the RSS before the model, which torch alone exceeds
+    assert saved["rss_before_model_mb"] > 100 and 0 < saved["memory_added_mb"] < saved["peak_memory_mb"]
+    assert saved["memory_added_mb"] == pytest.approx(saved["peak_memory_mb"] - saved["rss_before_model_mb"])
     assert saved["tokens_per_s"] > 0 and saved["device"] == "cpu" and saved["dtype"] == "float32"
     point = {"step", "tokens_seen", "train_loss", "val_loss", "time_s"}
     assert set(saved["history"][0]) == point | ({"expert_share"} if name == "moe_gqa" else set())
