@@ -112,3 +112,27 @@ def test_rounds_alternate_the_order_and_pool_the_steps(monkeypatch, smoke_cfg):
     assert gpt2["timed_steps"] == moe["timed_steps"] == 9
     assert gpt2["step_time_s"] == 1.4 and moe["step_time_s"] == 2.3     # medians of the pooled rounds
     assert gpt2["peak_memory_mb"] == 10.0 and moe["peak_memory_mb"] == 20.0     # the least inflated round
+
+
+def test_balancing_loss_compares_two_runs_that_differ_in_its_weight_alone(tmp_path, capsys):
+    from llm_nb_utils.config import make_config
+    def run(name, coef, losses, **changes):
+        cfg = make_config("smoke", device="cpu", aux_loss_coef=coef, **changes)
+        shares = [[0.25] * 4, [0.7, 0.1, 0.1, 0.1]] if coef == 0 else [[0.25] * 4, [0.3, 0.2, 0.25, 0.25]]
+        m = {"config": cfg.to_dict(), "preset": "smoke", "steps": 30, "test_loss": sum(losses) / 3,
+             "test_loss_ci": [0, 9], "test_window_losses": losses, "evaluation": {"test": {"description": "3 windows"}},
+             "history": [{"step": s, "expert_share": shares} for s in (10, 20, 30)], "expert_utilisation": shares,
+             "device_name": "CPU", "torch_version": "x"}
+        (tmp_path / name / "metrics").mkdir(parents=True)
+        (tmp_path / name / "metrics" / "moe_gqa.json").write_text(json.dumps(m))
+        return str(tmp_path / name)
+    on, off = run("on", 0.01, [5.0, 5.2, 5.4]), run("off", 0.0, [5.1, 5.3, 5.5])
+    assert load("balancing_loss").main([on, off, "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["without_loss"]["largest_share_per_layer"] == [0.25, 0.7]
+    assert summary["with_loss"]["smallest_share_per_layer"] == [0.25, 0.2]
+    assert abs(summary["test_loss_difference_without_minus_with"]["mean"] - 0.1) < 1e-9
+    assert (tmp_path / "out" / "expert_shares.png").stat().st_size > 1000
+    other = run("other", 0.0, [5.1, 5.3, 5.5], lr=1e-3)
+    with pytest.raises(SystemExit, match="differ in aux_loss_coef alone .*lr"):
+        load("balancing_loss").main([on, other, "--out", str(tmp_path / "out2")])
