@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -124,6 +125,51 @@ def _shorten_long_streams(nb, source: str, head: int = 8, tail: int = 6, most: i
             cell.outputs = merged
 
 
+# Tables in the reports: numbers right-aligned (digits line up), words left-aligned (they read).
+_WORDS = re.compile(r"[^\W\d_]{4,}")
+_TABLE = re.compile(r'<table border="1" class="dataframe">.*?</table>', re.S)
+_ROW = re.compile(r"<tr[^>]*>.*?</tr>", re.S)
+_CELL = re.compile(r"<(td|th)([^>]*)>(.*?)</\1>", re.S)
+_TEXT_CSS = "<style>" + ", ".join(f".jp-RenderedHTMLCommon table.dataframe {c}" for c in (
+    "td.text", "th.text", "tbody th")) + " { text-align: left; }</style>"
+
+
+def _is_text(cell: str) -> bool:
+    return bool(_WORDS.search(re.sub(r"<[^>]+>", "", cell)))
+
+
+def _align_table(table: str) -> str:
+    """Mark as text each column most of whose cells hold words (a run of four letters or more),
+    its header included; the row labels (th in the body) are always text."""
+    body_rows = [list(_CELL.finditer(r)) for r in _ROW.findall(table.split("<tbody>")[-1])]
+    votes: dict[int, list[bool]] = {}
+    for cells in body_rows:
+        for i, c in enumerate(c for c in cells if c.group(1) == "td"):
+            votes.setdefault(i, []).append(_is_text(c.group(3)))
+    text_cols = {i for i, v in votes.items() if sum(v) * 2 > len(v)}
+    n_index = sum(c.group(1) == "th" for c in body_rows[0]) if body_rows else 0
+
+    def mark(row: str, header: bool) -> str:
+        if header and "colspan" in row:
+            return row                        # a two-level header: leave it as pandas drew it
+        col = -n_index if header else 0
+
+        def one(m):
+            nonlocal col
+            i = col
+            col += 1 if (header or m.group(1) == "td") else 0
+            return (f'<{m.group(1)} class="text"{m.group(2)}>{m.group(3)}</{m.group(1)}>'
+                    if i in text_cols and (header or m.group(1) == "td") else m.group(0))
+        return _CELL.sub(one, row)
+    head, _, body = table.partition("<tbody>")
+    return (_ROW.sub(lambda r: mark(r.group(0), True), head) + ("<tbody>" if body else "")
+            + _ROW.sub(lambda r: mark(r.group(0), False), body))
+
+
+def _align_text_cells(html: str) -> str:
+    return _TABLE.sub(lambda t: _align_table(t.group(0)), html).replace("</head>", _TEXT_CSS + "</head>", 1)
+
+
 def render_html(notebook: Path, html: Path) -> Path:
     """The executed notebook as a report: no parameters cells (a settings line says what ran), no
     set-up cell, figures with their alt text, long printed logs shortened, no prompts."""
@@ -138,7 +184,7 @@ def render_html(notebook: Path, html: Path) -> Path:
     exporter.exclude_input_prompt = True
     exporter.exclude_output_prompt = True
     body, _ = exporter.from_notebook_node(nb)
-    return write_atomic(html, body)
+    return write_atomic(html, _align_text_cells(body))
 
 
 def _keep(partial: Path, executed: Path, kernel_log: Path, folder: RunFolder) -> None:

@@ -242,3 +242,16 @@ def test_the_metrics_carry_the_language_evaluation_and_table2_its_rows(pipeline_
     scored = [t for t in report.LANG_TASKS if t in packs["gpt2"]["tasks"]]
     assert [i for i in t2.index if i.startswith("lang_")] == [f"lang_{t}" for t in scored] + ["lang_combined"]
     assert t2.loc["lang_last_word", "gpt2"] == pytest.approx(100 * packs["gpt2"]["tasks"]["last_word"]["accuracy"])
+
+
+def test_report_tables_left_align_columns_of_words_and_keep_numbers_right():
+    from llm_nb_utils.pipeline import _align_text_cells
+    table = ('<head></head><table border="1" class="dataframe"><thead><tr><th></th><th>what</th><th>bytes</th></tr>'
+             '</thead><tbody><tr><th>GPT-2</th><td>learned embedding</td><td>1,024</td></tr>'
+             '<tr><th>Dense</th><td>rotary</td><td>512</td></tr>'
+             '<tr><th>MoE</th><td>no</td><td>512 B</td></tr></tbody></table>')
+    html = _align_text_cells(table)
+    assert '<th class="text">what</th><th>bytes</th>' in html                   # the header follows its column
+    assert '<td class="text">learned embedding</td><td>1,024</td>' in html
+    assert '<td class="text">no</td><td>512 B</td>' in html                      # a short word in a column of words
+    assert "td.text" in html.split("</head>")[0]
