@@ -214,11 +214,12 @@ def _format_value(v: float, row: str, half: float | None = None) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.1f}"
 
 
-def _variation_cell(v: float, low: float = math.nan, high: float = math.nan, unit: str = "%") -> str:
-    """'-1.63% [-1.80, -1.46]' where a paired interval exists, else '-1.6%'; accuracies differ in
+def _variation_cell(v: float, low: float = math.nan, high: float = math.nan, unit: str = "%", digits: int = 1) -> str:
+    """'-1.63% [-1.80, -1.46]' where a paired interval exists, else '-1.6%' (`digits` decimals: the
+    loss rows keep two, with an interval or without, as the study's -1.75%); accuracies differ in
     points ('+2.3 pts [+0.4, +4.2]')."""
     if math.isnan(low):
-        return f"{v:+.1f}{unit}"
+        return f"{v:+.{digits}f}{unit}"
     return f"{v:+.2f}{unit} [{low:+.2f}, {high:+.2f}]"
 
 
@@ -238,7 +239,8 @@ def pretty(df: pd.DataFrame, memory_kind: str | None = None) -> pd.DataFrame:
     for col in [c for c in body.columns if c.endswith("_pct")]:
         b, a = col[:-len("_pct")].split("_vs_")
         low, high = (body.get(col.replace("_pct", s), pd.Series(math.nan, index=body.index)) for s in ("_ci_low", "_ci_high"))
-        out[f"{label(b)} vs {label(a)}"] = [_variation_cell(v, lo, hi, " pts" if r.startswith("lang_") else "%")
+        out[f"{label(b)} vs {label(a)}"] = [_variation_cell(v, lo, hi, " pts" if r.startswith("lang_") else "%",
+                                                            2 if r in PAIRED_ROWS else 1)
                                             for r, v, lo, hi in zip(body.index, body[col], low, high)]
     return out
 

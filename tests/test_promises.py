@@ -431,3 +431,11 @@ def test_peak_tflops_matches_whole_model_names():
     assert bench.peak_tflops("NVIDIA A10G", "float32") is None             # not an A10
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+
+
+def test_the_study_columns_show_its_loss_variation_as_everywhere_else():
+    """One rounding of the study's figures: its test-loss variation reads -1.75%, as in the prose."""
+    t = report.table2_with_study(metrics_pair())
+    study = t[[c for c in t.columns if c[0].startswith("The study")]]
+    assert study.loc["Test loss"].iloc[-1] == "-1.75%" and study.loc["Test perplexity"].iloc[-1] == "-5.55%"
+    assert "-13.0%" in study.iloc[:, -1].tolist()                         # memory: one decimal, as before
