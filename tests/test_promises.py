@@ -289,7 +289,7 @@ def test_pretty_formats_and_memory_labels():
     assert gpu.loc["Test loss", "GPT-2 baseline"] == "4.0000" and gpu.loc["Test perplexity", "MoE-GQA"] == "49.40"
     assert gpu.loc["Throughput (tokens/s)", "GPT-2 baseline"] == "2,000"
     assert gpu.loc["Total parameters", "MoE-GQA"] == "20,000,000"
-    assert gpu.loc["Test loss", col] == "-2.5%" and gpu.loc["Peak VRAM (MB)", col] == "-10.0%"
+    assert gpu.loc["Test loss", col] == "-2.50%" and gpu.loc["Peak VRAM (MB)", col] == "-10.0%"   # loss rows: 2 decimals
     cpu = report.pretty(t2, "process_peak_rss_mb")
     assert "Peak RAM, process RSS (MB)" in cpu.index and "Peak VRAM (MB)" not in cpu.index
 
