@@ -59,18 +59,27 @@ def kv_cache_bytes(cfg: Config, model_name: str, tokens: int = 1, bytes_per_valu
     return 2 * cfg.n_layers * kv_heads(cfg, model_name) * cfg.head_dim * bytes_per_value * tokens
 
 
+@contextmanager
+def _evaluating(model: nn.Module):
+    """`model` in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def _input_of(module: nn.Module, model, ids: list[int]) -> torch.Tensor:
     """What `module` receives when `model` reads the token ids `ids` (in eval mode)."""
     seen = {}
     hook = module.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0].detach()))
-    was_training = model.training
-    model.eval()
     try:
-        model(torch.tensor([ids], device=next(model.parameters()).device))
+        with _evaluating(model):
+            model(torch.tensor([ids], device=next(model.parameters()).device))
     finally:
         hook.remove()
-        model.train(was_training)
     return seen["x"]
 
 
@@ -174,16 +183,6 @@ def kv_cache_table(cfg: Config, bytes_per_value: int = 2) -> pd.DataFrame:
                        f"one sequence of {cfg.context_length} tokens": _size(per_token * cfg.context_length),
                        f"a batch of {cfg.batch_size}": _size(per_token * cfg.context_length * cfg.batch_size)}
     return pd.DataFrame(rows).T
-
-
-@contextmanager
-def _evaluating(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
