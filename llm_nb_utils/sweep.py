@@ -315,8 +315,19 @@ class Sweep:
                          "training_flops": m["flops_per_token"] * m["tokens_seen"],
                          "train_time_s": m["train_time_s"], "steps": m["steps"], "tokens_seen": m["tokens_seen"],
                          "device_name": m["device_name"], "dtype": m["dtype"],
-                         "language_score": 100 * m["language"]["combined"] if m.get("language") else math.nan})
+                         "language_score": 100 * m["language"]["combined"] if m.get("language") else math.nan,
+                         "test_fingerprint": m.get("evaluation", {}).get("test", {}).get("fingerprint", "")})
         return pd.DataFrame(rows), histories
+
+    def test_window_losses(self) -> dict[str, list[float]]:
+        """Each finished point's loss on every test window, by name. The points of a sweep share one
+        prepared split and one `eval_seed`, so their windows are the same (`test_fingerprint` says so)."""
+        out = {}
+        for p in self.points:
+            m = self.finished(p)
+            if m is not None and m.get("test_window_losses"):
+                out[p.name] = m["test_window_losses"]
+        return out
 
 
 def plan(cfg: Config, folder: str | Path, grid: str = "seeds", seeds: int = 3, experts=(2, 4, 8),

@@ -6,6 +6,7 @@ import math
 import pandas as pd
 
 from .arms import ARMS, REFERENCE, STEPS
+from .evaluation import PairedEstimate, paired
 from .stats import PairedDifference, mean_ci, paired_difference
 
 # The study's single-seed result: MoE-GQA's test loss relative to GPT-2's (3.2127 vs 3.2699).
@@ -106,6 +107,43 @@ def decomposition_table(steps: list, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("Comparison")
 
 
+def dense_reference(runs: pd.DataFrame) -> str:
+    """The design every MoE design is weighed against at equal cost: Dense-GQA (the same attention and
+    the same parameters per token, no routing) where the sweep has it, else GPT-2."""
+    dense = runs.loc[runs["model"] == "dense_gqa", "design"]
+    return dense.iloc[0] if len(dense) else REFERENCE_DESIGN
+
+
+def _window_paired(runs: pd.DataFrame, losses: dict[str, list], seed: int, a: str, b: str) -> PairedEstimate | None:
+    """Design b's test loss minus design a's for one seed, window by window over the same test windows."""
+    ra = runs[(runs["design"] == a) & (runs["seed"] == seed)]
+    rb = runs[(runs["design"] == b) & (runs["seed"] == seed)]
+    if ra.empty or rb.empty:
+        return None
+    ra, rb = ra.iloc[0], rb.iloc[0]
+    if ra["run"] not in losses or rb["run"] not in losses or ra["test_fingerprint"] != rb["test_fingerprint"]:
+        return None
+    return paired(losses[ra["run"]], losses[rb["run"]])
+
+
+def window_differences(runs: pd.DataFrame, losses: dict[str, list]) -> pd.DataFrame:
+    """Each design against the dense reference within each seed, paired over the same test windows. Its
+    interval is the test sample's uncertainty for these trained models, not training's: it cannot say
+    what another seed would give (the seed-paired tables do)."""
+    ref = dense_reference(runs)
+    rows = []
+    for design in dict.fromkeys(runs.loc[runs["design"] != ref, "design"]):
+        for seed in sorted(runs.loc[runs["design"] == design, "seed"]):
+            p = _window_paired(runs, losses, seed, ref, design)
+            if p is None:
+                continue
+            rows.append({"Comparison": f"{design} − {ref}", "Seed": seed, "Windows": p.diff.n,
+                         "Difference": f"{p.diff.mean:+.4f}", "Relative": f"{p.variation_pct:+.2f}%",
+                         "95% CI over windows": f"[{p.diff.low:+.4f}, {p.diff.high:+.4f}]",
+                         "Beyond the test sample's noise": "yes" if p.beyond_noise else "no"})
+    return pd.DataFrame(rows).set_index(["Comparison", "Seed"]) if rows else pd.DataFrame()
+
+
 def _verdict(design: str, d: PairedDifference, other: str = REFERENCE_DESIGN) -> str:
     if d.n < 2:
         return (f"{design} differs from {other} by {d.mean:+.4f} on the one seed pair trained, and one pair "
@@ -143,9 +181,10 @@ def conclusion(runs: pd.DataFrame, steps: int, tokens: int) -> str:
     return head + " ".join(lines) + tail
 
 
-def lowest_design(runs: pd.DataFrame) -> str:
+def lowest_design(runs: pd.DataFrame, losses: dict[str, list] | None = None) -> str:
     """The design with the lowest mean test loss and whether the seeds tell it from the next lowest
-    (paired by seed): a figure's caption that names no winner the test does not support."""
+    (paired by seed): a figure's caption that names no winner the test does not support. With one
+    shared seed, what the test windows say of the two trained models, marked as only that."""
     means = runs.groupby("design", sort=False)["test_loss"].mean().sort_values()
     best = means.index[0]
     if len(means) == 1:
@@ -154,7 +193,13 @@ def lowest_design(runs: pd.DataFrame) -> str:
     head = f"Lowest mean test loss: {best} ({means[best]:.4f}), then {second} ({means[second]:.4f})"
     d = _paired(runs, best, second)
     if d is None or d.n < 2:
-        return head + "; with fewer than two shared seeds, nothing says whether that order is more than luck."
+        text = head + "; with fewer than two shared seeds, nothing says whether that order is more than luck"
+        shared = sorted(set(runs.loc[runs["design"] == best, "seed"]) & set(runs.loc[runs["design"] == second, "seed"]))
+        w = _window_paired(runs, losses, shared[0], best, second) if losses and shared else None
+        if w is None:
+            return text + "."
+        return (text + f" of training (over the test windows of seed {shared[0]}, {second} − {best} = "
+                f"{w.diff.mean:+.4f} [{w.diff.low:+.4f}, {w.diff.high:+.4f}]: the test sample's noise only).")
     gap = (f"{second} − {best} = {d.mean:+.4f}, 95% interval [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {d.n} "
            f"seed pairs, p = {d.p:.3f}")
     if d.covers_zero:

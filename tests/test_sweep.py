@@ -1,8 +1,9 @@
 """The sweep: its statistics against hand computations, its plan, and a whole smoke sweep through
-papermill, interrupted and continued."""
+papermill, interrupted and continued from a folder holding only what a repository keeps."""
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def fake_runs(gpt2, moe, dense=None):
             rows.append(dict(run=f"{model}-{seed}", model=model, design=design, seed=seed, test_loss=loss,
                              test_perplexity=math.exp(loss), test_bits_per_byte=loss / 3, tokens_per_s=1000.0,
                              peak_memory_mb=500.0, total_params=100, active_params=80, flops_per_token=6e8,
-                             training_flops=6e14))
+                             training_flops=6e14, test_fingerprint="same windows"))
     return pd.DataFrame(rows)
 
 
@@ -168,11 +169,43 @@ def test_the_decomposition_pairs_each_step_by_seed():
     assert "3 seeds per design" in text
 
 
+def test_within_a_seed_each_design_pairs_with_the_dense_one_window_by_window():
+    runs = fake_runs([5.0], [4.9], dense=[4.95])
+    losses = {"gpt2-1": [5.0, 5.2, 4.8, 5.0], "dense_gqa-1": [5.0, 5.1, 4.9, 4.8], "moe_gqa-1": [4.9, 5.0, 4.8, 4.9]}
+    table = sweep_report.window_differences(runs, losses)
+    # by hand: MoE - Dense = -0.1, -0.1, -0.1, +0.1: mean -0.05, sd 0.1, se 0.05, t(0.975, 3) = 3.182446
+    moe = table.loc[("MoE-GQA 4x2 (512) − Dense-GQA", 1)]
+    assert moe["Difference"] == "-0.0500" and moe["95% CI over windows"] == "[-0.2091, +0.1091]"
+    assert moe["Relative"] == f"{-0.05 / 4.95 * 100:+.2f}%" and moe["Beyond the test sample's noise"] == "no"
+    # GPT-2 - Dense = 0, +0.1, -0.1, +0.2: mean +0.05, sd 0.1291, half-width 0.2054
+    assert table.loc[("GPT-2 − Dense-GQA", 1), "95% CI over windows"] == "[-0.1554, +0.2554]"
+    clear = {**losses, "moe_gqa-1": [4.9, 4.98, 4.82, 4.7]}                  # -0.1, -0.12, -0.08, -0.1
+    row = sweep_report.window_differences(runs, clear).loc[("MoE-GQA 4x2 (512) − Dense-GQA", 1)]
+    assert row["95% CI over windows"] == "[-0.1260, -0.0740]" and row["Beyond the test sample's noise"] == "yes"
+    other = runs.assign(test_fingerprint=["a", "b", "a"])                   # MoE's windows were other windows
+    assert list(sweep_report.window_differences(other, losses).index) == [("GPT-2 − Dense-GQA", 1)]
+    text = sweep_report.lowest_design(runs, losses)                         # one seed: what the windows say
+    assert "fewer than two shared seeds, nothing says whether that order is more than luck of training" in text
+    assert "over the test windows of seed 1, Dense-GQA − MoE-GQA 4x2 (512) = +0.0500 [-0.1091, +0.2091]" in text
+    assert sweep_report.dense_reference(fake_runs([5.0], [4.9])) == "GPT-2"  # no Dense-GQA in the sweep
+
+
 # --- a whole sweep -------------------------------------------------------------------------------------
 def sweep_cmd(corpus, out):
     return [sys.executable, "-m", "llm_nb_utils.sweep", "--preset", "smoke", "--grid", "moe", "--experts", "2", "4",
             "--per-token", "1", "--seeds", "2", "--max-steps", "10", "--arms", "gpt2", "moe_gqa", "--corpus-dir", str(corpus),
             "--out", str(out), "--set", "device=cpu"]
+
+
+def keep_only_what_a_repository_holds(out):
+    """What a fresh clone of a published sweep folder has (see docs/sweep-*/.gitignore): each point's
+    metrics, executed notebook and logs; no prepared data, no checkpoints."""
+    for path in [out / "data", *out.glob("runs/*/data"), *out.glob("runs/*/checkpoints"),
+                 *out.glob("runs/*/wandb"), *out.glob("runs/*/figures"), *out.glob("runs/*/hf")]:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
 
 
 @pytest.mark.slow
@@ -192,6 +225,8 @@ def test_a_smoke_sweep_interrupted_and_continued_through_papermill(tiny_corpus, 
     assert proc.returncode == 130, stdout + stderr
     assert "to continue where it stopped: python -m llm_nb_utils.sweep" in stderr
     finished_at = {p: p.stat().st_mtime_ns for p in (first, second)}
+    keep_only_what_a_repository_holds(out)
+    assert not list(out.glob("runs/*/checkpoints")) and not (out / "data").exists()
 
     again = subprocess.run(sweep_cmd(tiny_corpus, out), cwd=REPO, env=env, text=True, capture_output=True,
                            timeout=600)
@@ -204,6 +239,7 @@ def test_a_smoke_sweep_interrupted_and_continued_through_papermill(tiny_corpus, 
 
     html = (out / "reports" / "06_sweep.html").read_text()
     assert "Conclusion" in html and "seeds per design" in html and "Paired t" in html
+    assert "95% CI over windows" in html and "MoE-GQA 2x1 (128) − GPT-2" in html      # within a seed
     for stray in ("PosixPath(", "<Figure size", "IPython.core.display", "object at 0x", ">NaN<", ">nan<",
                   "No description has been provided for this image", str(out)):
         assert stray not in html, stray
