@@ -37,6 +37,21 @@ def design_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("Model")
 
 
+def throughput_caution(runs: pd.DataFrame, tolerance: float = 0.10) -> str:
+    """A warning, or "", when one design's runs trained at speeds further apart than `tolerance` of their
+    mean: the same model at the same settings, so the machine's load changed between runs, and the
+    design table's tokens/s compares loads as much as models."""
+    spread = runs.groupby("design", sort=False)["tokens_per_s"].agg(lambda v: (v.max() - v.min()) / v.mean())
+    spread = spread[runs.groupby("design", sort=False).size() > 1]
+    if spread.empty or spread.max() <= tolerance:
+        return ""
+    worst = spread.idxmax()
+    return (f"**Tokens/s is not a speed comparison here.** The runs of one design trained up to "
+            f"{spread.max():.0%} apart in speed ({worst}): the machine's load changed between runs, and it "
+            "moves the means above as much as the models do. Losses do not depend on it. For speed, time the "
+            "models side by side (notebook 05, or benchmarks/train_throughput.py --rounds).")
+
+
 def design_means(runs: pd.DataFrame) -> pd.DataFrame:
     """Per design: mean test loss, its CI half-width, active parameters, training FLOPs (for figures)."""
     rows = []

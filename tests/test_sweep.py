@@ -169,6 +169,15 @@ def test_the_decomposition_pairs_each_step_by_seed():
     assert "3 seeds per design" in text
 
 
+def test_throughput_that_varies_within_a_design_is_flagged():
+    steady = fake_runs([5.0, 5.1, 5.2], [4.9, 4.95, 5.1])                  # 1,000 tokens/s everywhere
+    assert sweep_report.throughput_caution(steady) == ""
+    shared = steady.assign(tokens_per_s=[1000.0, 1050.0, 600.0, 900.0, 950.0, 1000.0])
+    text = sweep_report.throughput_caution(shared)                         # GPT-2: (1050 - 600) / 883.3 = 51%
+    assert text.startswith("**Tokens/s is not a speed comparison here.**") and "up to 51% apart in speed (GPT-2)" in text
+    assert sweep_report.throughput_caution(fake_runs([5.0], [4.9])) == ""  # one run per design: nothing to compare
+
+
 def test_within_a_seed_each_design_pairs_with_the_dense_one_window_by_window():
     runs = fake_runs([5.0], [4.9], dense=[4.95])
     losses = {"gpt2-1": [5.0, 5.2, 4.8, 5.0], "dense_gqa-1": [5.0, 5.1, 4.9, 4.8], "moe_gqa-1": [4.9, 5.0, 4.8, 4.9]}
