@@ -144,15 +144,18 @@ def _window_paired(runs: pd.DataFrame, losses: dict[str, list], seed: int, a: st
 def window_differences(runs: pd.DataFrame, losses: dict[str, list]) -> pd.DataFrame:
     """Each design against the dense reference within each seed, paired over the same test windows. Its
     interval is the test sample's uncertainty for these trained models, not training's: it cannot say
-    what another seed would give (the seed-paired tables do)."""
+    what another seed would give (the seed-paired tables do). GPT-2 comes before Dense-GQA in the
+    decomposition, so its row reads as that step does (Dense-GQA − GPT-2), with the same sign."""
     ref = dense_reference(runs)
     rows = []
     for design in dict.fromkeys(runs.loc[runs["design"] != ref, "design"]):
+        before = ref != REFERENCE_DESIGN and design == REFERENCE_DESIGN         # the architecture's step
+        a, b = (design, ref) if before else (ref, design)
         for seed in sorted(runs.loc[runs["design"] == design, "seed"]):
-            p = _window_paired(runs, losses, seed, ref, design)
+            p = _window_paired(runs, losses, seed, a, b)
             if p is None:
                 continue
-            rows.append({"Comparison": f"{design} − {ref}", "Seed": seed, "Windows": p.diff.n,
+            rows.append({"Comparison": f"{b} − {a}", "Seed": seed, "Windows": p.diff.n,
                          "Difference": f"{p.diff.mean:+.4f}", "Relative": f"{p.variation_pct:+.2f}%",
                          "95% CI over windows": f"[{p.diff.low:+.4f}, {p.diff.high:+.4f}]",
                          "Beyond the test sample's noise": "yes" if p.beyond_noise else "no"})

@@ -186,13 +186,15 @@ def test_within_a_seed_each_design_pairs_with_the_dense_one_window_by_window():
     moe = table.loc[("MoE-GQA 4x2 (512) − Dense-GQA", 1)]
     assert moe["Difference"] == "-0.0500" and moe["95% CI over windows"] == "[-0.2091, +0.1091]"
     assert moe["Relative"] == f"{-0.05 / 4.95 * 100:+.2f}%" and moe["Beyond the test sample's noise"] == "no"
-    # GPT-2 - Dense = 0, +0.1, -0.1, +0.2: mean +0.05, sd 0.1291, half-width 0.2054
-    assert table.loc[("GPT-2 − Dense-GQA", 1), "95% CI over windows"] == "[-0.1554, +0.2554]"
+    # Dense - GPT-2 (the architecture's step, the decomposition's sign) = 0, -0.1, +0.1, -0.2:
+    # mean -0.05, sd 0.1291, half-width 0.2054, relative to GPT-2's mean 5.0
+    arch = table.loc[("Dense-GQA − GPT-2", 1)]
+    assert arch["95% CI over windows"] == "[-0.2554, +0.1554]" and arch["Relative"] == "-1.00%"
     clear = {**losses, "moe_gqa-1": [4.9, 4.98, 4.82, 4.7]}                  # -0.1, -0.12, -0.08, -0.1
     row = sweep_report.window_differences(runs, clear).loc[("MoE-GQA 4x2 (512) − Dense-GQA", 1)]
     assert row["95% CI over windows"] == "[-0.1260, -0.0740]" and row["Beyond the test sample's noise"] == "yes"
     other = runs.assign(test_fingerprint=["a", "b", "a"])                   # MoE's windows were other windows
-    assert list(sweep_report.window_differences(other, losses).index) == [("GPT-2 − Dense-GQA", 1)]
+    assert list(sweep_report.window_differences(other, losses).index) == [("Dense-GQA − GPT-2", 1)]
     text = sweep_report.lowest_design(runs, losses)                         # one seed: what the windows say
     assert "fewer than two shared seeds, nothing says whether that order is more than luck of training" in text
     assert "over the test windows of seed 1, Dense-GQA − MoE-GQA 4x2 (512) = +0.0500 [-0.1091, +0.2091]" in text
