@@ -185,10 +185,13 @@ def conclusion(runs: pd.DataFrame, steps: int, tokens: int) -> str:
             f"seed{'' if seeds.max() == 1 else 's'} per design. ")
     if not diffs:
         return head + f"No run has a {REFERENCE_DESIGN} run with the same seed to compare with yet."
-    lines = [_verdict(design, d) for design, d in diffs.items()]
     steps_ = [s for s in decomposition(runs) if s[2] != "both"]
+    from_reference = {b: f"The step from {a} to {b} changes {what} only: " for a, b, what, _ in steps_
+                      if a == REFERENCE_DESIGN}                      # said once, with its design's line
+    lines = [from_reference.get(design, "") + _verdict(design, d) for design, d in diffs.items()]
     for a, b, what, d in steps_:
-        lines.append(f"The step from {a} to {b} changes {what} only: " + _verdict(b, d, a))
+        if a != REFERENCE_DESIGN:
+            lines.append(f"The step from {a} to {b} changes {what} only: " + _verdict(b, d, a))
     best_design, best = min(diffs.items(), key=lambda kv: kv[1].mean)
     base = runs[runs["model"] == REFERENCE]["test_loss"].mean()
     tail = (f" The study measured MoE-GQA {STUDY_DIFFERENCE_PCT:+.2f}% against GPT-2 with one run each, after two "

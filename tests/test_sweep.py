@@ -166,6 +166,8 @@ def test_the_decomposition_pairs_each_step_by_seed():
     assert table.loc["MoE-GQA 4x2 (512) − Dense-GQA", "What changes"] == "the experts"
     text = sweep_report.conclusion(runs, 300, 307_200)
     assert "The step from Dense-GQA to MoE-GQA 4x2 (512) changes the experts only" in text
+    assert text.count("Dense-GQA reaches") + text.count("Dense-GQA is **") == 1   # the architecture's step said once
+    assert "The step from GPT-2 to Dense-GQA changes the architecture only: Dense-GQA " in text
     assert "3 seeds per design" in text
 
 
