@@ -316,6 +316,9 @@ class Sweep:
                          "train_time_s": m["train_time_s"], "steps": m["steps"], "tokens_seen": m["tokens_seen"],
                          "device_name": m["device_name"], "dtype": m["dtype"],
                          "language_score": 100 * m["language"]["combined"] if m.get("language") else math.nan,
+                         **{f"lang_{t}": 100 * m["language"]["tasks"][t]["accuracy"]
+                            if m.get("language") and t in m["language"]["tasks"] else math.nan
+                            for t in ("gender", "number", "last_word")},
                          "test_fingerprint": m.get("evaluation", {}).get("test", {}).get("fingerprint", "")})
         return pd.DataFrame(rows), histories
 

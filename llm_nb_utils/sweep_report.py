@@ -64,12 +64,15 @@ def design_means(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 REFERENCE_DESIGN = ARMS[REFERENCE].label.replace(" baseline", "")     # "GPT-2"
+# The evaluation pack's scores that Sweep.results gives each run, in %.
+LANGUAGE_COLUMNS = {"lang_gender": "gender agreement (50%)", "lang_number": "number agreement (50%)",
+                    "lang_last_word": "last word, exact (0%)", "language_score": "language score (0 = chance)"}
 
 
-def _paired(runs: pd.DataFrame, a: str, b: str) -> PairedDifference | None:
-    """Design b's test loss minus design a's, paired by seed (the seeds both have)."""
-    la = runs[runs["design"] == a].set_index("seed")["test_loss"]
-    lb = runs[runs["design"] == b].set_index("seed")["test_loss"]
+def _paired(runs: pd.DataFrame, a: str, b: str, col: str = "test_loss") -> PairedDifference | None:
+    """Design b's `col` (test loss unless told) minus design a's, paired by seed (the seeds both have)."""
+    la = runs[runs["design"] == a].set_index("seed")[col]
+    lb = runs[runs["design"] == b].set_index("seed")[col]
     seeds = sorted(set(la.index) & set(lb.index))
     return paired_difference(la[seeds].tolist(), lb[seeds].tolist()) if seeds else None
 
@@ -84,14 +87,14 @@ def differences(runs: pd.DataFrame) -> dict[str, PairedDifference]:
     return out
 
 
-def decomposition(runs: pd.DataFrame) -> list[tuple[str, str, str, PairedDifference]]:
+def decomposition(runs: pd.DataFrame, col: str = "test_loss") -> list[tuple[str, str, str, PairedDifference]]:
     """The reference -> MoE difference in its two steps, each paired by seed: (from design, to design,
     what the step changes, difference). Only arms with one design in the sweep (the seeds grid) take part."""
     designs = runs.groupby("model", sort=False)["design"].unique()
     default = {model: d[0] for model, d in designs.items() if len(d) == 1}
     out = []
     for a, b, what in (*STEPS, (STEPS[0][0], STEPS[-1][1], "both")):
-        if a in default and b in default and (d := _paired(runs, default[a], default[b])) is not None:
+        if a in default and b in default and (d := _paired(runs, default[a], default[b], col)) is not None:
             out.append((default[a], default[b], what, d))
     return out
 
@@ -120,6 +123,30 @@ def decomposition_table(steps: list, runs: pd.DataFrame) -> pd.DataFrame:
     """The decomposition's steps, each relative to the mean test loss of the design it starts from."""
     rows = [_row(a, b, d, runs[runs["design"] == a]["test_loss"].mean(), what) for a, b, what, d in steps]
     return pd.DataFrame(rows).set_index("Comparison")
+
+
+def _points(d: PairedDifference) -> str:
+    return f"{d.mean:+.1f}" + (f" [{d.ci_low:+.1f}, {d.ci_high:+.1f}]" if d.n >= 2 else " (one pair)")
+
+
+def language_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The evaluation pack over seeds: each task's accuracy (%) per design, mean ± 95% interval over its
+    seeds, and each step of the decomposition paired by seed (points of accuracy, with its interval).
+    A task some run has no score for (trained before the pack; a test split too small for its items)
+    is left out."""
+    cols = [c for c in LANGUAGE_COLUMNS if c in runs and runs[c].notna().all()]
+    if not cols:
+        return pd.DataFrame()
+    rows = []
+    for col in cols:
+        row = {"Task (accuracy %, chance)": LANGUAGE_COLUMNS[col]}
+        for design, g in runs.groupby("design", sort=False):
+            row[design] = _pm(*mean_ci(g[col].tolist()), 1)
+        for a, b, what, d in decomposition(runs, col):
+            if what != "both":
+                row[f"{b} − {a}"] = _points(d)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("Task (accuracy %, chance)")
 
 
 def dense_reference(runs: pd.DataFrame) -> str:

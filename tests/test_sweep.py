@@ -253,6 +253,7 @@ def test_a_smoke_sweep_interrupted_and_continued_through_papermill(tiny_corpus, 
     html = (out / "reports" / "06_sweep.html").read_text()
     assert "Conclusion" in html and "seeds per design" in html and "Paired t" in html
     assert "95% CI over windows" in html and "MoE-GQA 2x1 (128) − GPT-2" in html      # within a seed
+    assert "last word, exact (0%)" in html          # the pack over seeds (the tiny corpus has no agreement items)
     for stray in ("PosixPath(", "<Figure size", "IPython.core.display", "object at 0x", ">NaN<", ">nan<",
                   "No description has been provided for this image", str(out)):
         assert stray not in html, stray
@@ -269,3 +270,22 @@ def test_the_lowest_design_is_named_with_what_the_seeds_say():
     assert "the seeds cannot tell the two apart" in noisy
     one = sweep_report.lowest_design(fake_runs([5.0], [4.9]))
     assert "fewer than two shared seeds" in one
+
+
+def test_the_evaluation_pack_is_read_over_seeds_and_paired_like_the_loss():
+    runs = fake_runs([5.0, 5.1, 5.2], [4.9, 4.95, 5.1], dense=[4.95, 5.0, 5.1])
+    assert sweep_report.language_table(runs).empty                          # runs without the pack: no table
+    acc = {"GPT-2": [80.0, 82.0, 84.0], "Dense-GQA": [90.0, 91.0, 95.0], "MoE-GQA 4x2 (512)": [90.0, 92.0, 94.0]}
+    runs["lang_gender"] = [acc[d][s - 1] for d, s in zip(runs["design"], runs["seed"])]
+    for col in ("lang_number", "lang_last_word", "language_score"):
+        runs[col] = 50.0
+    table = sweep_report.language_table(runs)
+    gender = table.loc["gender agreement (50%)"]
+    mean, half = mean_ci([80.0, 82.0, 84.0])
+    assert gender["GPT-2"] == f"{mean:.1f} ± {half:.1f}"
+    # Dense - GPT-2 per seed: +10, +9, +11: mean +10, sd 1, half-width 4.303 / sqrt(3) = 2.484
+    assert gender["Dense-GQA − GPT-2"] == "+10.0 [+7.5, +12.5]"
+    assert gender["MoE-GQA 4x2 (512) − Dense-GQA"] == "+0.0 [-2.5, +2.5]"   # 0, +1, -1: sd 1 as well
+    runs.loc[0, "lang_number"] = float("nan")                 # one run without this task: the task is left out
+    assert "number agreement (50%)" not in sweep_report.language_table(runs).index
+    assert "gender agreement (50%)" in sweep_report.language_table(runs).index
