@@ -13,6 +13,11 @@ from .stats import PairedDifference, mean_ci, paired_difference
 STUDY_DIFFERENCE_PCT = (3.2127 - 3.2699) / 3.2699 * 100
 
 
+def _p(p: float, equals: str = "") -> str:
+    """A p-value to three decimals; below 0.001, "< 0.001" rather than a p of 0.000."""
+    return "< 0.001" if p < 0.001 else f"{equals}{p:.3f}"
+
+
 def _pm(mean: float, half: float, digits: int) -> str:
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
@@ -107,7 +112,7 @@ def _row(a: str, b: str, d: PairedDifference, base: float, what: str | None = No
     row.update({"Seed pairs": d.n, "Difference": f"{d.mean:+.4f}", "Relative": f"{d.mean / base * 100:+.2f}%",
                 "95% CI": f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}]" if two else "one pair: none",
                 "Paired t": f"{d.t:.2f}" if two and math.isfinite(d.t) else "–",
-                "p-value": f"{d.p:.3f}" if two else "–"})
+                "p-value": _p(d.p) if two else "–"})
     return row
 
 
@@ -196,11 +201,11 @@ def _verdict(design: str, d: PairedDifference, other: str = REFERENCE_DESIGN) ->
     if d.covers_zero:
         return (f"{design} is **not distinguishable** from {other} at this budget: the mean difference "
                 f"{d.mean:+.4f} has a 95% interval [{d.ci_low:+.4f}, {d.ci_high:+.4f}] that covers zero "
-                f"(paired t-test over {d.n} seeds, p = {d.p:.3f}).")
+                f"(paired t-test over {d.n} seeds, p {_p(d.p, '= ')}).")
     side = "lower" if d.mean < 0 else "higher"
     return (f"{design} reaches a **{side}** test loss than {other}: {d.mean:+.4f} on average, 95% interval "
             f"[{d.ci_low:+.4f}, {d.ci_high:+.4f}], which excludes zero (paired t-test over {d.n} seeds, "
-            f"p = {d.p:.3f}).")
+            f"p {_p(d.p, '= ')}).")
 
 
 def conclusion(runs: pd.DataFrame, steps: int, tokens: int) -> str:
@@ -249,7 +254,7 @@ def lowest_design(runs: pd.DataFrame, losses: dict[str, list] | None = None) -> 
         return (text + f" of training (over the test windows of seed {shared[0]}, {second} − {best} = "
                 f"{w.diff.mean:+.4f} [{w.diff.low:+.4f}, {w.diff.high:+.4f}]: the test sample's noise only).")
     gap = (f"{second} − {best} = {d.mean:+.4f}, 95% interval [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {d.n} "
-           f"seed pairs, p = {d.p:.3f}")
+           f"seed pairs, p {_p(d.p, '= ')}")
     if d.covers_zero:
         return head + f"; the seeds cannot tell the two apart ({gap})."
     return head + f"; the gap exceeds the seeds' noise ({gap})."

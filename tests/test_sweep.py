@@ -147,6 +147,10 @@ def test_the_conclusion_follows_the_interval():
     noisy = fake_runs([5.0, 5.1, 5.2], [5.1, 4.9, 5.2])           # +0.1, -0.2, 0
     text = sweep_report.conclusion(noisy, 300, 307_200)
     assert "**not distinguishable**" in text and "covers zero" in text
+    steady = fake_runs([5.0, 5.1, 5.2], [4.7, 4.801, 4.9])        # -0.3, -0.299, -0.3: t about -900
+    text = sweep_report.conclusion(steady, 300, 307_200)
+    assert "p < 0.001" in text and "0.000" not in text
+    assert sweep_report.differences_table(sweep_report.differences(steady), steady)["p-value"].iloc[0] == "< 0.001"
     table = sweep_report.design_table(clear)
     mean, half = mean_ci([5.0, 5.1, 5.2])
     assert table.loc["GPT-2", "Test loss"] == f"{mean:.4f} ± {half:.4f}"
