@@ -125,6 +125,26 @@ def attention_heatmap(weights, tokens: list[str], heads=(0, 1)):
     return fig
 
 
+def rope_pairs(rotated, pairs=(0, 1, 2)):
+    """One vector rotated by RoPE at positions 0, 1, 2, ... (rows of `rotated`, shape (positions, head_dim)):
+    each chosen pair (i, i + head_dim/2) drawn as a point per position. A fast pair goes round the circle,
+    a slow one barely moves; every point stays on its circle (a rotation keeps lengths)."""
+    half = rotated.shape[1] // 2
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.3 * len(pairs) + 1.0, 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, i in zip(axes[0], pairs):
+        a, b = rotated[:, i].numpy(), rotated[:, i + half].numpy()
+        r = float((a[0] ** 2 + b[0] ** 2) ** 0.5)
+        ax.add_patch(plt.Circle((0, 0), r, fill=False, color="0.85", lw=1))   # the length every position keeps
+        points = ax.scatter(a, b, c=range(len(a)), cmap="viridis", s=22, zorder=2)
+        ax.scatter(a[:1], b[:1], marker="x", color="black", s=40, zorder=3, label="position 0")
+        ax.set(xlim=(-1.2 * r, 1.2 * r), ylim=(-1.2 * r, 1.2 * r), aspect="equal", title=f"pair ({i}, {i + half})",
+               xlabel=f"dimension {i}", ylabel=f"dimension {i + half}")
+        ax.legend(loc="upper right", fontsize=7)
+    fig.colorbar(points, ax=axes[0].tolist(), shrink=0.8, label="position")
+    return fig
+
+
 def route_heatmap(weights, layer: int):
     """A router's choices as a token x expert heatmap (`anatomy.route`): each row a token, its
     chosen experts coloured by their weight, the others blank."""

@@ -81,3 +81,12 @@ def test_an_moe_gqa_cell_fails_when_the_package_disagrees(smoke_cfg, monkeypatch
     else:
         nudged({"rmsnorm": block.norm1, "gqa": block.attn}[part])
     assert run_cells(scratch_cells("04_moe_gqa.ipynb", "nb04-scratch"), ns) == fails_at
+
+
+def test_the_rope_cell_sees_a_score_that_depends_on_where_not_how_far(smoke_cfg):
+    cells = scratch_cells("04_moe_gqa.ipynb", "nb04-scratch")
+    at = [i for i, (cell_id, _) in enumerate(cells) if cell_id == "nb04-scratch-rope2"][0]
+    ns = moe_namespace(smoke_cfg)
+    assert run_cells(cells[:at], ns) is None
+    ns["apply_rope"] = lambda x, cos, sin: x * (1 + cos)       # scales by position, rotates nothing
+    assert run_cells(cells[at:at + 1], ns) == "nb04-scratch-rope2"
