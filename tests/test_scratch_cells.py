@@ -50,7 +50,8 @@ def test_the_from_scratch_cells_agree_with_the_package(smoke_cfg):
 
 
 @pytest.mark.parametrize("part, fails_at", [("attention", "nb02-scratch-attn2"), ("layernorm", "nb02-scratch-rest"),
-                                            ("mlp", "nb02-scratch-rest"), ("loss", "nb02-scratch-loss")])
+                                            ("mlp", "nb02-scratch-rest"), ("loss", "nb02-scratch-loss"),
+                                            ("positions", "nb02-scratch-pos")])
 def test_a_gpt2_cell_fails_when_the_package_disagrees(smoke_cfg, part, fails_at):
     ns = gpt2_namespace(smoke_cfg)
     model = ns["model"]
@@ -58,7 +59,7 @@ def test_a_gpt2_cell_fails_when_the_package_disagrees(smoke_cfg, part, fails_at)
     if part == "loss":
         nudged(model, lambda out: dataclasses.replace(out, loss=out.loss + 0.01) if out.loss is not None else out)
     else:
-        nudged({"attention": block.attn, "layernorm": block.norm1, "mlp": block.ff}[part])
+        nudged({"attention": block.attn, "layernorm": block.norm1, "mlp": block.ff, "positions": model.pos_emb}[part])
     assert run_cells(scratch_cells("02_gpt2_baseline.ipynb", "nb02-scratch"), ns) == fails_at
 
 
