@@ -33,6 +33,7 @@ import pandas as pd
 from .arms import ARMS, REFERENCE, parse_arms
 from .config import Config, ConfigError, changed_settings
 from .env import REPO
+from . import langeval
 from .files import DamagedFileError, StorageError, read_json, repository_of, without_machine_paths, write_json
 from .progress import format_duration
 from .runfolder import RunFolder
@@ -318,7 +319,7 @@ class Sweep:
                          "language_score": 100 * m["language"]["combined"] if m.get("language") else math.nan,
                          **{f"lang_{t}": 100 * m["language"]["tasks"][t]["accuracy"]
                             if m.get("language") and t in m["language"]["tasks"] else math.nan
-                            for t in ("gender", "number", "last_word")},
+                            for t in langeval.ITEMS},
                          "test_fingerprint": m.get("evaluation", {}).get("test", {}).get("fingerprint", "")})
         return pd.DataFrame(rows), histories
 

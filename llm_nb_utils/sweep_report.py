@@ -69,7 +69,7 @@ def design_means(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 REFERENCE_DESIGN = ARMS[REFERENCE].label.replace(" baseline", "")     # "GPT-2"
-# The evaluation pack's scores that Sweep.results gives each run, in %.
+# The evaluation pack's scores that Sweep.results gives each run (lang_<task> for each langeval.ITEMS), in %.
 LANGUAGE_COLUMNS = {"lang_gender": "gender agreement (50%)", "lang_number": "number agreement (50%)",
                     "lang_last_word": "last word, exact (0%)", "language_score": "language score (0 = chance)"}
 

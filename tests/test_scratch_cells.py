@@ -51,12 +51,15 @@ def test_the_from_scratch_cells_agree_with_the_package(smoke_cfg):
 
 @pytest.mark.parametrize("part, fails_at", [("attention", "nb02-scratch-attn2"), ("layernorm", "nb02-scratch-rest"),
                                             ("mlp", "nb02-scratch-rest"), ("loss", "nb02-scratch-loss"),
-                                            ("positions", "nb02-scratch-pos")])
+                                            ("positions", "nb02-scratch-pos"), ("zero positions", "nb02-scratch-swap")])
 def test_a_gpt2_cell_fails_when_the_package_disagrees(smoke_cfg, part, fails_at):
     ns = gpt2_namespace(smoke_cfg)
     model = ns["model"]
     block = model.blocks[0]
-    if part == "loss":
+    if part == "zero positions":                               # no position rows: the swap cell sees no order
+        with torch.no_grad():
+            model.pos_emb.weight.zero_()
+    elif part == "loss":
         nudged(model, lambda out: dataclasses.replace(out, loss=out.loss + 0.01) if out.loss is not None else out)
     else:
         nudged({"attention": block.attn, "layernorm": block.norm1, "mlp": block.ff, "positions": model.pos_emb}[part])
