@@ -31,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from .arms import ARMS, REFERENCE, parse_arms
-from .config import Config, ConfigError, changed_settings
+from .config import Config, ConfigError, changed_settings, make_config
 from .env import REPO
 from . import langeval
 from .files import DamagedFileError, StorageError, read_json, repository_of, without_machine_paths, write_json
@@ -348,6 +348,31 @@ def plan(cfg: Config, folder: str | Path, grid: str = "seeds", seeds: int = 3, e
     return sweep
 
 
+def load(folder: str | Path, log=print) -> Sweep:
+    """A sweep read back from its folder alone (`sweep.json` and each point's metrics), whatever grid and
+    seeds made it: e.g. a finished seeds sweep whose seed-to-seed spread a one-seed grid is read against."""
+    folder = Path(folder)
+    path = folder / "sweep.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} holds no sweep (no sweep.json). Fix: give the --out folder of a sweep "
+                           "(python -m llm_nb_utils.sweep), e.g. docs/sweep-arms-small-2000.")
+    kept = read_json(path, "delete sweep.json to start the sweep over")
+    cfg = make_config(kept["preset"], kept["settings"])
+    points = []
+    for metrics in folder.glob("runs/*/metrics/*.json"):
+        model = metrics.stem                   # <arm>.json; <arm>_samples.json are generations
+        if model not in ARMS:
+            continue
+        c = read_json(metrics, "")["config"]
+        p = (Point(model, c["seed"], c["num_experts"], c["num_experts_per_token"], c["moe_intermediate_size"])
+             if ARMS[model].has_experts else Point(model, c["seed"], dense_ff_width=c.get("dense_ff_width", 0)))
+        if p.name == metrics.parent.parent.name:          # a run folder of this sweep, as it named it
+            points.append(p)
+    order = list(ARMS)                          # grid_points' order: seed-major, then the registry's arms
+    points.sort(key=lambda p: (p.seed, order.index(p.model), p.num_experts, p.num_experts_per_token, p.dense_ff_width))
+    return Sweep(cfg, folder, points, kept["steps"], log)
+
+
 def main(argv=None) -> int:
     """Execute notebook 06 with papermill (it plans, estimates, runs the points and reports), and
     render its HTML report."""
@@ -380,6 +405,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", default="auto", help="training processes per run (auto: every visible CUDA GPU)")
     p.add_argument("--out", default="", help="sweep folder (default: outputs/sweep-<grid>-<preset>)")
     p.add_argument("--kernel", default="python3")
+    p.add_argument("--seed-spread-from", default="", metavar="FOLDER",
+                   help="a finished sweep with several seeds: read this sweep's one-seed gaps against its seed spread")
     args = p.parse_args(argv)
 
     try:
@@ -391,6 +418,8 @@ def main(argv=None) -> int:
         plan(cfg, out, args.grid, args.seeds, args.experts, args.per_token, args.keep_active_params,
              args.budget_tokens, log=lambda *_: None, arms=arms,
              dense_iso_total=args.dense_iso_total)          # refuse a bad grid before starting a kernel
+        if args.seed_spread_from:
+            load(args.seed_spread_from, log=lambda *_: None)
     except (ConfigError, StorageError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -399,7 +428,8 @@ def main(argv=None) -> int:
                   progress=False, grid=args.grid, seeds=args.seeds, experts=args.experts,
                   experts_per_token=args.per_token, keep_active_params=args.keep_active_params,
                   budget_tokens=args.budget_tokens, max_hours=args.max_hours, kernel=args.kernel, gpus=args.gpus,
-                  arms=arms, dense_iso_total=args.dense_iso_total)
+                  arms=arms, dense_iso_total=args.dense_iso_total,
+                  seed_spread_from=str(Path(args.seed_spread_from).resolve()) if args.seed_spread_from else "")
     print(f"[sweep] preset {preset} ({why}); folder {out}")
     t0 = time.perf_counter()
     resume = resume_command(argv).replace("llm_nb_utils.pipeline", "llm_nb_utils.sweep")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import statistics
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -173,11 +175,61 @@ def _window_paired(runs: pd.DataFrame, losses: dict[str, list], seed: int, a: st
     return paired(losses[ra["run"]], losses[rb["run"]])
 
 
-def window_differences(runs: pd.DataFrame, losses: dict[str, list]) -> pd.DataFrame:
+@dataclass
+class SeedSpread:
+    """One comparison (b − a) seed by seed in a sweep with several seeds, and how far it wanders."""
+    a: str
+    b: str
+    what: str                    # what the step changes (arms.STEPS)
+    differences: list[float]
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.differences)
+
+    def __str__(self) -> str:
+        return (f"{self.b} − {self.a}: {', '.join(f'{d:+.4f}' for d in self.differences)} over "
+                f"{len(self.differences)} seeds, standard deviation {self.sd:.4f}")
+
+
+def seed_spreads(runs: pd.DataFrame) -> dict[tuple[str, str], SeedSpread]:
+    """Each step of the decomposition (GPT-2 → Dense-GQA, Dense-GQA → MoE-GQA) seed by seed, where
+    at least two seeds pair: the scale of seed luck that a one-seed comparison of the same kind is read
+    against. By (from design, to design)."""
+    out = {}
+    for a, b, what, d in decomposition(runs):
+        if what == "both" or d.n < 2:
+            continue
+        la, lb = (runs[runs["design"] == x].set_index("seed")["test_loss"] for x in (a, b))
+        out[(a, b)] = SeedSpread(a, b, what, [lb[s] - la[s] for s in sorted(set(la.index) & set(lb.index))])
+    return out
+
+
+def spread_for(spreads: dict[tuple[str, str], SeedSpread], a: str, b: str, experts: bool) -> SeedSpread | None:
+    """The spread of the same comparison (b − a) where the other sweep has it, else, for a design with
+    experts (b) against the one it was measured from there, that of the experts' step."""
+    if (a, b) in spreads:
+        return spreads[(a, b)]
+    step = [s for s in spreads.values() if s.what == STEPS[-1][2] and s.a == a]
+    return step[0] if experts and step else None
+
+
+def spread_note(spreads: dict[tuple[str, str], SeedSpread], sweep_name: str, steps: int) -> str:
+    """Where the seed spreads come from and what they are, under the window table."""
+    if not spreads:
+        return (f"The sweep `{sweep_name}` has no step of the decomposition with two seeds or more: there is "
+                "no seed spread to read these gaps against.")
+    return (f"Seed spread, from the sweep `{sweep_name}` ({steps:,} steps per run): "
+            + "; ".join(map(str, spreads.values())) + ".")
+
+
+def window_differences(runs: pd.DataFrame, losses: dict[str, list],
+                       spreads: dict[tuple[str, str], SeedSpread] | None = None) -> pd.DataFrame:
     """Each design against the dense reference within each seed, paired over the same test windows. Its
     interval is the test sample's uncertainty for these trained models, not training's: it cannot say
     what another seed would give (the seed-paired tables do). GPT-2 comes before Dense-GQA in the
-    decomposition, so its row reads as that step does (Dense-GQA − GPT-2), with the same sign."""
+    decomposition, so its row reads as that step does (Dense-GQA − GPT-2), with the same sign. Given
+    another sweep's `seed_spreads`, each gap is also set against the seed luck of its kind of comparison."""
     ref = dense_reference(runs)
     rows = []
     for design in dict.fromkeys(runs.loc[runs["design"] != ref, "design"]):
@@ -191,6 +243,10 @@ def window_differences(runs: pd.DataFrame, losses: dict[str, list]) -> pd.DataFr
                          "Difference": f"{p.diff.mean:+.4f}", "Relative": f"{p.variation_pct:+.2f}%",
                          "95% CI over windows": f"[{p.diff.low:+.4f}, {p.diff.high:+.4f}]",
                          "Beyond the test sample's noise": "yes" if p.beyond_noise else "no"})
+            if spreads is not None:
+                sp = spread_for(spreads, a, b, ARMS[runs.loc[runs["design"] == b, "model"].iloc[0]].has_experts)
+                rows[-1]["Beyond the seed spread"] = (f"{'yes' if abs(p.diff.mean) > sp.sd else 'no'} "
+                                                      f"(SD {sp.sd:.4f})" if sp else "not measured")
     return pd.DataFrame(rows).set_index(["Comparison", "Seed"]) if rows else pd.DataFrame()
 
 

@@ -33,7 +33,8 @@ def bootstrap_source(name="01_data_prep"):
 
 
 SWEEP_PARAMETERS = {"grid": "str", "arms": "str", "dense_iso_total": "bool", "seeds": "int", "experts": "list", "experts_per_token": "list",
-                    "keep_active_params": "bool", "budget_tokens": "int", "max_hours": "float", "kernel": "str"}
+                    "keep_active_params": "bool", "budget_tokens": "int", "max_hours": "float", "kernel": "str",
+                    "seed_spread_from": "str"}
 
 
 @pytest.mark.parametrize("name", (*NOTEBOOKS, "06_sweep"))

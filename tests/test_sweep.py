@@ -107,6 +107,26 @@ def test_a_folder_keeps_one_budget(tmp_path):
         sweep.plan(cfg.replace(lr=1e-3), tmp_path, "seeds", seeds=2)
 
 
+def test_a_sweep_is_read_back_from_its_folder_alone(tmp_path):
+    from llm_nb_utils.files import write_json
+    cfg = make_config("smoke", device="cpu", max_steps=10, lr=2e-3)
+    planned = sweep.plan(cfg, tmp_path, "moe", seeds=2, experts=(2, 4), per_token=(1,), log=lambda *_: None)
+    for p in reversed(planned.points[:5]):          # five finished, written in another order than planned
+        metrics = sweep.RunFolder(planned.run_dir(p)).metrics_path(p.model)
+        metrics.parent.mkdir(parents=True)
+        write_json(metrics, {"steps": 10, "config": planned.point_config(p).to_dict()})
+        write_json(metrics.with_name(f"{p.model}_samples.json"), {"samples": []})     # generations: not a point
+    stray = tmp_path / "runs" / "old-name" / "metrics" / "gpt2.json"                  # not a folder this sweep named
+    stray.parent.mkdir(parents=True)
+    write_json(stray, {"steps": 10, "config": planned.point_config(planned.points[0]).to_dict()})
+    loaded = sweep.load(tmp_path, log=lambda *_: None)
+    assert [p.name for p in loaded.points] == [p.name for p in planned.points[:5]]      # the plan's order
+    assert loaded.steps == 10 and loaded.cfg.lr == 2e-3 and loaded.cfg.preset == "smoke"
+    assert all(loaded.finished(p) for p in loaded.points)
+    with pytest.raises(ConfigError, match=r"holds no sweep \(no sweep.json\)\. Fix: give the --out folder"):
+        sweep.load(tmp_path / "runs")
+
+
 def test_the_estimate_counts_what_is_left_and_warns_past_the_limit(tmp_path):
     cfg = make_config("smoke", device="cpu", max_steps=10)     # eval every 10 steps on 2 batches; 128 test windows
     lines = []
@@ -207,6 +227,34 @@ def test_within_a_seed_each_design_pairs_with_the_dense_one_window_by_window():
     assert sweep_report.dense_reference(fake_runs([5.0], [4.9])) == "GPT-2"  # no Dense-GQA in the sweep
 
 
+def test_a_one_seed_gap_is_set_against_another_sweeps_seed_spread():
+    seeds = fake_runs([5.0, 5.1, 5.2], [4.8, 4.95, 5.0], dense=[4.9, 5.0, 5.05])
+    spreads = sweep_report.seed_spreads(seeds)
+    # by hand: Dense - GPT-2 = -0.1, -0.1, -0.15 (sd 0.028868); MoE - Dense = -0.1, -0.05, -0.05 (sd 0.028868)
+    arch, experts = spreads[("GPT-2", "Dense-GQA")], spreads[("Dense-GQA", "MoE-GQA 4x2 (512)")]
+    assert arch.differences == pytest.approx([-0.1, -0.1, -0.15]) and arch.sd == pytest.approx(0.0288675, rel=1e-5)
+    assert experts.differences == pytest.approx([-0.1, -0.05, -0.05]) and experts.what == "the experts"
+    assert str(experts) == "MoE-GQA 4x2 (512) − Dense-GQA: -0.1000, -0.0500, -0.0500 over 3 seeds, standard deviation 0.0289"
+    assert sweep_report.seed_spreads(fake_runs([5.0], [4.9], dense=[4.95])) == {}    # one seed: no spread
+    assert "no step of the decomposition with two seeds" in sweep_report.spread_note({}, "sweep-x", 300)
+    assert sweep_report.spread_note(spreads, "sweep-x", 2000).startswith("Seed spread, from the sweep `sweep-x` (2,000 steps per run): Dense-GQA − GPT-2: -0.1000")
+
+    one = fake_runs([5.0], [4.9], dense=[4.95])             # a one-seed grid: the study's design and another
+    other = one[one["model"] == "moe_gqa"].assign(design="MoE-GQA 8x1 (1024)", run="moe_gqa-8x1-1")
+    grid = pd.concat([one, other], ignore_index=True)
+    losses = {"gpt2-1": [5.0, 5.2, 4.8, 5.0], "dense_gqa-1": [5.0, 5.1, 4.9, 4.8],
+              "moe_gqa-1": [4.98, 5.08, 4.88, 4.78],          # -0.02 each: within the spread
+              "moe_gqa-8x1-1": [4.95, 5.05, 4.85, 4.75]}      # -0.05 each: beyond it
+    table = sweep_report.window_differences(grid, losses, spreads)
+    assert table.loc[("MoE-GQA 4x2 (512) − Dense-GQA", 1), "Beyond the seed spread"] == "no (SD 0.0289)"
+    assert table.loc[("MoE-GQA 8x1 (1024) − Dense-GQA", 1), "Beyond the seed spread"] == "yes (SD 0.0289)"  # the experts' step
+    assert table.loc[("Dense-GQA − GPT-2", 1), "Beyond the seed spread"] == "yes (SD 0.0289)"   # -0.05 vs its own step
+    only_experts = {k: v for k, v in spreads.items() if v.what == "the experts"}
+    assert sweep_report.window_differences(grid, losses, only_experts).loc[
+        ("Dense-GQA − GPT-2", 1), "Beyond the seed spread"] == "not measured"
+    assert "Beyond the seed spread" not in sweep_report.window_differences(grid, losses).columns
+
+
 # --- a whole sweep -------------------------------------------------------------------------------------
 def sweep_cmd(corpus, out):
     return [sys.executable, "-m", "llm_nb_utils.sweep", "--preset", "smoke", "--grid", "moe", "--experts", "2", "4",
@@ -245,8 +293,14 @@ def test_a_smoke_sweep_interrupted_and_continued_through_papermill(tiny_corpus, 
     keep_only_what_a_repository_holds(out)
     assert not list(out.glob("runs/*/checkpoints")) and not (out / "data").exists()
 
-    again = subprocess.run(sweep_cmd(tiny_corpus, out), cwd=REPO, env=env, text=True, capture_output=True,
-                           timeout=600)
+    wrong = subprocess.run([*sweep_cmd(tiny_corpus, out), "--seed-spread-from", str(tmp_path / "nowhere")], cwd=REPO,
+                           env=env, text=True, capture_output=True, timeout=120)
+    assert wrong.returncode == 2 and wrong.stderr.strip().endswith("holds no sweep (no sweep.json). Fix: give the --out "
+                                                                   "folder of a sweep (python -m llm_nb_utils.sweep), "
+                                                                   "e.g. docs/sweep-arms-small-2000.")
+    # continued, its one-seed gaps read against a sweep with seeds (itself: GPT-2 and MoE-GQA only, no step to measure)
+    again = subprocess.run([*sweep_cmd(tiny_corpus, out), "--seed-spread-from", str(out)], cwd=REPO, env=env, text=True,
+                           capture_output=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1/6 gpt2-seed123: done earlier, skipped" in again.stdout
     assert "2/6 moe_gqa-e2k1-w128-seed123: done earlier, skipped" in again.stdout
@@ -257,6 +311,7 @@ def test_a_smoke_sweep_interrupted_and_continued_through_papermill(tiny_corpus, 
     html = (out / "reports" / "06_sweep.html").read_text()
     assert "Conclusion" in html and "seeds per design" in html and "Paired t" in html
     assert "95% CI over windows" in html and "MoE-GQA 2x1 (128) − GPT-2" in html      # within a seed
+    assert "has no step of the decomposition with two seeds or more" in html         # --seed-spread-from
     assert "last word, exact (0%)" in html          # the pack over seeds (the tiny corpus has no agreement items)
     for stray in ("PosixPath(", "<Figure size", "IPython.core.display", "object at 0x", ">NaN<", ">nan<",
                   "No description has been provided for this image", str(out)):
