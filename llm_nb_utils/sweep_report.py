@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from . import langeval
 from .arms import ARMS, REFERENCE, STEPS
 from .evaluation import PairedEstimate, paired
 from .stats import PairedDifference, mean_ci, paired_difference
@@ -71,9 +72,10 @@ def design_means(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 REFERENCE_DESIGN = ARMS[REFERENCE].label.replace(" baseline", "")     # "GPT-2"
-# The evaluation pack's scores that Sweep.results gives each run (lang_<task> for each langeval.ITEMS), in %.
-LANGUAGE_COLUMNS = {"lang_gender": "gender agreement (50%)", "lang_number": "number agreement (50%)",
-                    "lang_last_word": "last word, exact (0%)", "language_score": "language score (0 = chance)"}
+# The evaluation pack's scores that Sweep.results gives each run (lang_<task> per task), in %, labelled
+# as the pack labels them, with their chance level.
+LANGUAGE_COLUMNS = {**{f"lang_{task}": f"{label} ({chance:.0%})" for task, (label, chance) in langeval.TASKS.items()},
+                    "language_score": "language score (0 = chance)"}
 
 
 def _paired(runs: pd.DataFrame, a: str, b: str, col: str = "test_loss") -> PairedDifference | None:

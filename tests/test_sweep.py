@@ -312,7 +312,7 @@ def test_a_smoke_sweep_interrupted_and_continued_through_papermill(tiny_corpus, 
     assert "Conclusion" in html and "seeds per design" in html and "Paired t" in html
     assert "95% CI over windows" in html and "MoE-GQA 2x1 (128) − GPT-2" in html      # within a seed
     assert "has no step of the decomposition with two seeds or more" in html         # --seed-spread-from
-    assert "last word, exact (0%)" in html          # the pack over seeds (the tiny corpus has no agreement items)
+    assert "last word (exact match) (0%)" in html          # the pack over seeds (the tiny corpus has no agreement items)
     for stray in ("PosixPath(", "<Figure size", "IPython.core.display", "object at 0x", ">NaN<", ">nan<",
                   "No description has been provided for this image", str(out)):
         assert stray not in html, stray
