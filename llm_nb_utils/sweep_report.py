@@ -252,6 +252,36 @@ def window_differences(runs: pd.DataFrame, losses: dict[str, list],
     return pd.DataFrame(rows).set_index(["Comparison", "Seed"]) if rows else pd.DataFrame()
 
 
+def within_seed_reading(runs: pd.DataFrame, losses: dict[str, list],
+                        spreads: dict[tuple[str, str], SeedSpread] | None = None) -> str:
+    """What a grid trained with one seed can say of its designs with experts: each against the dense
+    reference over the same test windows, lowest first, and what each gap clears (the test sample's
+    noise; the seed spread, where another sweep gave one). Empty when a design has several seeds (the
+    seed-paired tables answer then) or nothing pairs."""
+    if runs.empty or runs.groupby("design")["seed"].nunique().max() != 1:
+        return ""
+    ref, seed = dense_reference(runs), runs["seed"].iloc[0]
+    found = []
+    for design in dict.fromkeys(runs.loc[runs["model"].map(lambda m: ARMS[m].has_experts), "design"]):
+        p = _window_paired(runs, losses, seed, ref, design)
+        if p is not None:
+            found.append((design, p, spread_for(spreads or {}, ref, design, True)))
+    if not found:
+        return ""
+    found.sort(key=lambda f: f[1].diff.mean)
+    parts = []
+    for design, p, sp in found:
+        clears = ("within the test sample's noise" if not p.beyond_noise else
+                  "beyond the test sample's noise" + ("" if sp is None else
+                  f" and {'beyond' if abs(p.diff.mean) > sp.sd else 'within'} the seed spread (SD {sp.sd:.4f})"))
+        parts.append(f"{design} {p.diff.mean:+.4f} ({p.variation_pct:+.2f}%) [{p.diff.low:+.4f}, {p.diff.high:+.4f}], {clears}")
+    n = found[0][1].diff.n
+    return (f"**Seed {seed} alone, each design with experts against {ref}** over the same {n:,} test windows "
+            f"(difference, 95% interval), lowest first: " + "; ".join(parts) + ". With one seed this orders "
+            "trained models, not designs: no design is called better than another here, and a gap within the "
+            "seed spread may reverse with another seed.")
+
+
 def _verdict(design: str, d: PairedDifference, other: str = REFERENCE_DESIGN) -> str:
     if d.n < 2:
         return (f"{design} differs from {other} by {d.mean:+.4f} on the one seed pair trained, and one pair "

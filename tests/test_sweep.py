@@ -253,6 +253,16 @@ def test_a_one_seed_gap_is_set_against_another_sweeps_seed_spread():
     assert sweep_report.window_differences(grid, losses, only_experts).loc[
         ("Dense-GQA − GPT-2", 1), "Beyond the seed spread"] == "not measured"
     assert "Beyond the seed spread" not in sweep_report.window_differences(grid, losses).columns
+    text = sweep_report.within_seed_reading(grid, losses, spreads)       # lowest first, what each gap clears
+    assert text.startswith("**Seed 1 alone, each design with experts against Dense-GQA** over the same 4 test windows")
+    assert ("MoE-GQA 8x1 (1024) -0.0500 (-1.01%) [-0.0500, -0.0500], beyond the test sample's noise and beyond the "
+            "seed spread (SD 0.0289); MoE-GQA 4x2 (512) -0.0200 (-0.40%) [-0.0200, -0.0200], beyond the test "
+            "sample's noise and within the seed spread (SD 0.0289).") in text
+    assert "no design is called better than another" in text
+    noisy = {**losses, "moe_gqa-1": [5.1, 5.0, 4.9, 4.7]}                # +0.1, -0.1, 0, -0.1: covers zero
+    assert "MoE-GQA 4x2 (512) -0.0250 (-0.51%) [-0.1773, +0.1273], within the test sample's noise." in \
+        sweep_report.within_seed_reading(grid, noisy)
+    assert sweep_report.within_seed_reading(seeds, {}) == ""              # several seeds: the seed tables answer
 
 
 # --- a whole sweep -------------------------------------------------------------------------------------
