@@ -355,7 +355,7 @@ def load(folder: str | Path, log=print) -> Sweep:
     path = folder / "sweep.json"
     if not path.is_file():
         raise ConfigError(f"{folder} holds no sweep (no sweep.json). Fix: give the --out folder of a sweep "
-                           "(python -m llm_nb_utils.sweep), e.g. docs/sweep-arms-small-2000.")
+                          "(python -m llm_nb_utils.sweep), e.g. docs/sweep-arms-small-2000.")
     kept = read_json(path, "delete sweep.json to start the sweep over")
     cfg = make_config(kept["preset"], kept["settings"])
     points = []
