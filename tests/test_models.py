@@ -368,3 +368,24 @@ def test_fused_loss_gradients_survive_fp16_autocast(vocab_block):
         got = torch.autograd.grad(linear_cross_entropy(h, w, t, vocab_block), [h, w])
     for a, b in zip(got, ref):
         assert torch.linalg.norm(a.float() - b) / torch.linalg.norm(b) < 1e-3
+
+
+def test_with_one_expert_per_token_only_the_balancing_loss_trains_the_router():
+    """The router renormalises its top-k weights to sum to 1 (Qwen3-MoE's norm_topk_prob). With k = 1
+    the one weight is exactly 1 whatever the scores, so the language-model loss gives the router no
+    gradient: it learns from the balancing loss alone (Switch Transformer's top-1 keeps the raw
+    probability as the gate instead). With k = 2 the loss reaches it. The MoE sweep's k = 1 designs are
+    read with this in mind."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 16)
+    grads = {}
+    for k in (1, 2):
+        moe = MoEFeedForward(16, 32, num_experts=4, top_k=k)
+        torch.nn.init.normal_(moe.router.weight, std=0.5)
+        out, routing = moe(x)
+        out.pow(2).sum().backward(retain_graph=True)               # any loss of the layer's output
+        grads[k] = moe.router.weight.grad.abs().max().item()
+        moe.router.weight.grad = None
+        balancing_loss([routing]).backward()
+        assert moe.router.weight.grad.abs().max().item() > 1e-4  # the balancing loss reaches it either way
+    assert grads[2] > 1e-6 and grads[1] < 1e-6 * grads[2]         # k = 1: zero up to rounding (w / w)
