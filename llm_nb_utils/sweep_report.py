@@ -315,7 +315,7 @@ def conclusion(runs: pd.DataFrame, steps: int, tokens: int) -> str:
     best_design, best = min(diffs.items(), key=lambda kv: kv[1].mean)
     base = runs[runs["model"] == REFERENCE]["test_loss"].mean()
     tail = (f" The study measured MoE-GQA {STUDY_DIFFERENCE_PCT:+.2f}% against GPT-2 with one run each, after two "
-            f"full epochs of the paper preset; here {'the best design, ' if len(diffs) > 1 else ''}{best_design}"
+            f"full epochs of the paper preset; here {'the design with the lowest mean loss, ' if len(diffs) > 1 else ''}{best_design}"
             f"{',' if len(diffs) > 1 else ''} is at "
             f"{best.mean / base * 100:+.2f}%. A difference at this budget says how fast each learns early on, "
             "not where each would end.")

@@ -259,6 +259,7 @@ def test_a_one_seed_gap_is_set_against_another_sweeps_seed_spread():
             "seed spread (SD 0.0289); MoE-GQA 4x2 (512) -0.0200 (-0.40%) [-0.0200, -0.0200], beyond the test "
             "sample's noise and within the seed spread (SD 0.0289).") in text
     assert "no design is called better than another" in text
+    assert "here the design with the lowest mean loss, MoE-GQA 4x2 (512), is at" in sweep_report.conclusion(grid, 10, 100)
     noisy = {**losses, "moe_gqa-1": [5.1, 5.0, 4.9, 4.7]}                # +0.1, -0.1, 0, -0.1: covers zero
     assert "MoE-GQA 4x2 (512) -0.0250 (-0.51%) [-0.1773, +0.1273], within the test sample's noise." in \
         sweep_report.within_seed_reading(grid, noisy)
