@@ -78,12 +78,18 @@ LANGUAGE_COLUMNS = {**{f"lang_{task}": f"{label} ({chance:.0%})" for task, (labe
                     "language_score": "language score (0 = chance)"}
 
 
-def _paired(runs: pd.DataFrame, a: str, b: str, col: str = "test_loss") -> PairedDifference | None:
-    """Design b's `col` (test loss unless told) minus design a's, paired by seed (the seeds both have)."""
+def _by_seed(runs: pd.DataFrame, a: str, b: str, col: str = "test_loss") -> tuple[list[float], list[float]]:
+    """Design a's and design b's `col`, over the seeds both have, in the same order."""
     la = runs[runs["design"] == a].set_index("seed")[col]
     lb = runs[runs["design"] == b].set_index("seed")[col]
     seeds = sorted(set(la.index) & set(lb.index))
-    return paired_difference(la[seeds].tolist(), lb[seeds].tolist()) if seeds else None
+    return la[seeds].tolist(), lb[seeds].tolist()
+
+
+def _paired(runs: pd.DataFrame, a: str, b: str, col: str = "test_loss") -> PairedDifference | None:
+    """Design b's `col` (test loss unless told) minus design a's, paired by seed (the seeds both have)."""
+    la, lb = _by_seed(runs, a, b, col)
+    return paired_difference(la, lb) if la else None
 
 
 def differences(runs: pd.DataFrame) -> dict[str, PairedDifference]:
@@ -189,6 +195,10 @@ class SeedSpread:
     def sd(self) -> float:
         return statistics.stdev(self.differences)
 
+    def beyond(self, gap: float) -> bool:
+        """Whether a one-seed gap of the same kind is larger than the seeds' standard deviation."""
+        return abs(gap) > self.sd
+
     def __str__(self) -> str:
         return (f"{self.b} − {self.a}: {', '.join(f'{d:+.4f}' for d in self.differences)} over "
                 f"{len(self.differences)} seeds, standard deviation {self.sd:.4f}")
@@ -202,8 +212,8 @@ def seed_spreads(runs: pd.DataFrame) -> dict[tuple[str, str], SeedSpread]:
     for a, b, what, d in decomposition(runs):
         if what == "both" or d.n < 2:
             continue
-        la, lb = (runs[runs["design"] == x].set_index("seed")["test_loss"] for x in (a, b))
-        out[(a, b)] = SeedSpread(a, b, what, [lb[s] - la[s] for s in sorted(set(la.index) & set(lb.index))])
+        la, lb = _by_seed(runs, a, b)
+        out[(a, b)] = SeedSpread(a, b, what, [y - x for x, y in zip(la, lb)])
     return out
 
 
@@ -247,8 +257,8 @@ def window_differences(runs: pd.DataFrame, losses: dict[str, list],
                          "Beyond the test sample's noise": "yes" if p.beyond_noise else "no"})
             if spreads is not None:
                 sp = spread_for(spreads, a, b, ARMS[runs.loc[runs["design"] == b, "model"].iloc[0]].has_experts)
-                rows[-1]["Beyond the seed spread"] = (f"{'yes' if abs(p.diff.mean) > sp.sd else 'no'} "
-                                                      f"(SD {sp.sd:.4f})" if sp else "not measured")
+                rows[-1]["Beyond the seed spread"] = (f"{'yes' if sp.beyond(p.diff.mean) else 'no'} (SD {sp.sd:.4f})"
+                                                      if sp else "not measured")
     return pd.DataFrame(rows).set_index(["Comparison", "Seed"]) if rows else pd.DataFrame()
 
 
@@ -273,7 +283,7 @@ def within_seed_reading(runs: pd.DataFrame, losses: dict[str, list],
     for design, p, sp in found:
         clears = ("within the test sample's noise" if not p.beyond_noise else
                   "beyond the test sample's noise" + ("" if sp is None else
-                  f" and {'beyond' if abs(p.diff.mean) > sp.sd else 'within'} the seed spread (SD {sp.sd:.4f})"))
+                  f" and {'beyond' if sp.beyond(p.diff.mean) else 'within'} the seed spread (SD {sp.sd:.4f})"))
         parts.append(f"{design} {p.diff.mean:+.4f} ({p.variation_pct:+.2f}%) [{p.diff.low:+.4f}, {p.diff.high:+.4f}], {clears}")
     n = found[0][1].diff.n
     return (f"**Seed {seed} alone, each design with experts against {ref}** over the same {n:,} test windows "
