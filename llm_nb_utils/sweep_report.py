@@ -318,7 +318,11 @@ def conclusion(runs: pd.DataFrame, steps: int, tokens: int) -> str:
     steps_ = [s for s in decomposition(runs) if s[2] != "both"]
     from_reference = {b: f"The step from {a} to {b} changes {what} only: " for a, b, what, _ in steps_
                       if a == REFERENCE_DESIGN}                      # said once, with its design's line
-    lines = [from_reference.get(design, "") + _verdict(design, d) for design, d in diffs.items()]
+    lines = [from_reference.get(design, "") + _verdict(design, d) for design, d in diffs.items() if d.n >= 2]
+    if single := {design: d for design, d in diffs.items() if d.n < 2}:     # said once, not once per design
+        lines.append(f"Against {REFERENCE_DESIGN}, on the one seed pair trained: "
+                     + ", ".join(f"{design} {d.mean:+.4f}" for design, d in single.items())
+                     + ". One pair cannot say whether a difference is more than luck: run at least two seeds.")
     for a, b, what, d in steps_:
         if a != REFERENCE_DESIGN:
             lines.append(f"The step from {a} to {b} changes {what} only: " + _verdict(b, d, a))

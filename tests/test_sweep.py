@@ -259,7 +259,11 @@ def test_a_one_seed_gap_is_set_against_another_sweeps_seed_spread():
             "seed spread (SD 0.0289); MoE-GQA 4x2 (512) -0.0200 (-0.40%) [-0.0200, -0.0200], beyond the test "
             "sample's noise and within the seed spread (SD 0.0289).") in text
     assert "no design is called better than another" in text
-    assert "here the design with the lowest mean loss, MoE-GQA 4x2 (512), is at" in sweep_report.conclusion(grid, 10, 100)
+    one_seed = sweep_report.conclusion(grid, 10, 100)
+    assert "here the design with the lowest mean loss, MoE-GQA 4x2 (512), is at" in one_seed
+    assert ("Against GPT-2, on the one seed pair trained: MoE-GQA 4x2 (512) -0.1000, Dense-GQA -0.0500, MoE-GQA 8x1 "
+            "(1024) -0.1000. One pair cannot say whether a difference is more than luck") in one_seed
+    assert one_seed.count("more than luck") == 1                          # once, not once per design
     noisy = {**losses, "moe_gqa-1": [5.1, 5.0, 4.9, 4.7]}                # +0.1, -0.1, 0, -0.1: covers zero
     assert "MoE-GQA 4x2 (512) -0.0250 (-0.51%) [-0.1773, +0.1273], within the test sample's noise." in \
         sweep_report.within_seed_reading(grid, noisy)
